@@ -1,0 +1,12 @@
+"""fcn-jax: Caffe models in JAX, net surgery as pure tree transforms, fully convolutional
+CaffeNet and sliding-window fine-tuning."""
+
+from __future__ import annotations
+
+from .caffenet import CAFFENET_WIDTHS, CaffeNet, caffenet_prototxt
+from .net import CaffeGraph, load_caffe
+
+__version__ = "0.1.0"
+
+__all__ = ["CAFFENET_WIDTHS", "CaffeGraph", "CaffeNet", "__version__", "caffenet_prototxt",
+           "load_caffe"]

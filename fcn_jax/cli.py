@@ -1,0 +1,59 @@
+"""The ``fcn-jax`` command line: ``fcn-jax COMMAND --help`` for each command.
+
+Each command lives in a module with ``register(subparsers)``; the parser sets ``func``.
+Errors in user files print one line (``fcn-jax: error: FILE: layer 'x': field: ...``) and
+exit with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from converters import CaffeFormatError
+
+#: Modules that contribute commands, in --help order.
+COMMAND_MODULES = (
+    "fcn_jax.commands.core",      # info, run, convert
+    "fcn_jax.commands.surgery",   # fcn, demo
+    "fcn_jax.commands.predict",   # predict
+    "fcn_jax.commands.finetune",  # finetune
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fcn-jax", description="Caffe models in JAX: load, run, net surgery, fine-tune.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fcn-jax`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (CaffeFormatError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        print(f"fcn-jax: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fcn-jax: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Sub-commands of the ``fcn-jax`` CLI, one module per family (see ``fcn_jax.cli``)."""

@@ -1,0 +1,151 @@
+"""``fcn-jax info``, ``fcn-jax run`` and ``fcn-jax convert``."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+
+import numpy as np
+
+import converters
+from converters import CaffeFormatError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="layers, blob shapes and param shapes of a net")
+    p.add_argument("file", help=".prototxt or .caffemodel")
+    p.add_argument("--weights", help="caffemodel to check against the prototxt")
+    p.add_argument("--input-shape", type=int, nargs="+", metavar="D",
+                   help="input shape N C H W (default: the prototxt's)")
+    p.add_argument("--check", action="store_true",
+                   help="report NaN/Inf or absurd magnitudes in the weights")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("run", help="run a net on an input array and save every blob")
+    p.add_argument("prototxt")
+    p.add_argument("caffemodel")
+    p.add_argument("--input", required=True, help=".npy array (N, C, H, W) or .npz of inputs")
+    p.add_argument("--blobs", required=True, help="output .npz of blobs")
+    p.add_argument("--outputs", nargs="+", help="only these blobs (default: all)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("convert", help="caffemodel -> fcn-jax checkpoint (msgpack, no pickle)")
+    p.add_argument("prototxt")
+    p.add_argument("caffemodel")
+    p.add_argument("-o", "--output", required=True, help="checkpoint path (.msgpack)")
+    p.set_defaults(func=cmd_convert)
+
+
+def _fmt(shape) -> str:
+    return str(tuple(int(d) for d in shape))
+
+
+def weight_report(params: dict, absurd: float = 1e4) -> list[str]:
+    """Problems in a params tree: non-finite values, or magnitudes above ``absurd``."""
+    problems = []
+    for layer, blobs in params.items():
+        for name, arr in blobs.items():
+            a = np.asarray(arr)
+            bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
+            if bad:
+                problems.append(f"{layer}/{name}: {bad} non-finite values (NaN/Inf)")
+            finite = a[np.isfinite(a)]
+            if finite.size and float(np.max(np.abs(finite))) > absurd:
+                problems.append(f"{layer}/{name}: max |w| = {float(np.max(np.abs(finite))):.3g}"
+                                f" > {absurd:g}")
+    return problems
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import jax
+
+    from fcn_jax.net import blob_names, build_module, example_inputs
+
+    net = converters.read_net(args.file)
+    is_model = any(layer.blobs for layer in net.layer)
+    params = converters.net_params(net, path=args.file) if is_model else None
+    if args.weights:
+        params = converters.load_caffemodel(args.weights)
+    print(f"net: {net.name or '(unnamed)'}  ({len(net.layer)} layers, from {args.file})")
+    module = build_module(net, path=args.file)
+    shape = tuple(args.input_shape) if args.input_shape else None
+    try:
+        xs = example_inputs(module, shape)
+        traced = jax.eval_shape(
+            lambda x: module.init_with_output(jax.random.PRNGKey(0), x)[0], xs)
+        print("\nblobs:")
+        order = [n for n in module.inputs if n in traced] + [
+            n for n in blob_names(module) if n in traced and n not in module.inputs]
+        width = max(len(k) for k in order)
+        for name in order:
+            print(f"  {name:<{width}}  {_fmt(traced[name].shape)}")
+        expected = {}
+        from fcn_jax.net import expected_param_shapes
+        expected = expected_param_shapes(module, shape)
+    except (ValueError, TypeError) as e:
+        print(f"\nblobs: unknown ({e})")
+        expected = None
+    print("\nparams:")
+    source = params if params is not None else expected or {}
+    types = {s.name: s.type for s in module.layers}
+    for layer, blobs in source.items():
+        names = converters.param_names(types.get(layer, ""), len(blobs))
+        blobs = {n: blobs[n] for n in names if n in blobs} | blobs
+        desc = "  ".join(f"{n} {_fmt(np.shape(a) if params is not None else a)}"
+                         for n, a in blobs.items())
+        print(f"  {layer:<12} {desc}")
+    total = sum(math.prod(np.shape(a) if params is not None else a)
+                for b in source.values() for a in b.values())
+    print(f"\n{total:,} parameters")
+    if params is not None and expected is not None:
+        for layer in expected:
+            if layer not in params:
+                print(f"warning: layer {layer!r} has no weights in the caffemodel")
+    if args.check:
+        if params is None:
+            raise CaffeFormatError("--check needs weights (a caffemodel or --weights)",
+                                   path=args.file)
+        problems = weight_report(params)
+        for p in problems:
+            print(f"check: {p}")
+        print(f"check: {'FAILED' if problems else 'ok'} ({len(problems)} problems)")
+        return 1 if problems else 0
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import jax
+
+    from fcn_jax.io_utils import atomic_save_npz
+
+    if args.input.endswith(".npz"):
+        with np.load(args.input, allow_pickle=False) as z:
+            x = {k: z[k].astype(np.float32) for k in z.files}
+    else:
+        x = np.load(args.input, allow_pickle=False).astype(np.float32)
+    shape = ({k: v.shape for k, v in x.items()} if isinstance(x, dict) else x.shape)
+    module, params = converters.load_caffe(args.prototxt, args.caffemodel, input_shape=shape)
+    outputs = tuple(args.outputs) if args.outputs else None
+    blobs = jax.jit(lambda p, x: module.apply({"params": p}, x, outputs=outputs))(params, x)
+    blobs = {k: np.asarray(v) for k, v in blobs.items()}
+    nonfinite = [k for k, v in blobs.items() if not np.all(np.isfinite(v))]
+    atomic_save_npz(args.blobs, blobs)
+    for k, v in blobs.items():
+        print(f"  {k:<12} {_fmt(v.shape)}")
+    print(f"wrote {len(blobs)} blobs to {args.blobs}")
+    if nonfinite:
+        print(f"warning: non-finite values in {nonfinite}")
+        return 1
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from fcn_jax.checkpoint import save_checkpoint
+
+    net = converters.read_prototxt(args.prototxt)
+    _, params = converters.load_caffe(net, args.caffemodel)
+    save_checkpoint(args.output, params, {"prototxt": converters.format_prototxt(net),
+                                          "source": os.path.basename(args.caffemodel)})
+    print(f"wrote {args.output}: {len(params)} layers")
+    return 0

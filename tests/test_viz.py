@@ -1,0 +1,121 @@
+"""Tests for fcn_jax.viz: every figure renders to a valid PNG with the expected axes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+
+from fcn_jax import viz
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+RNG = np.random.default_rng(0)
+IMAGE = RNG.random((48, 64, 3), dtype=np.float32)
+PROB = RNG.random((6, 8))
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+def _check_png(path: Path) -> None:
+    assert path.is_file()
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC
+    assert len(data) > 100
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_show_filter_outputs(tmp_path):
+    outputs = RNG.standard_normal((1, 3, 48, 64))
+    p = tmp_path / "filters_out.png"
+    fig = viz.show_filter_outputs(IMAGE[..., 0], outputs, titles=["a", "b", "c"], path=p)
+    _check_png(p)
+    assert len(fig.axes) == 4
+    assert [ax.get_title() for ax in fig.axes] == ["input", "a", "b", "c"]
+    plt.close(fig)
+    with pytest.raises(ValueError):
+        viz.show_filter_outputs(IMAGE, outputs, titles=["only one"])
+
+
+@pytest.mark.parametrize("shape, n_axes", [((96, 3, 11, 11), 96), ((5, 1, 5, 5), 5)])
+def test_filter_grid(tmp_path, shape, n_axes):
+    p = tmp_path / "grid.png"
+    w = RNG.standard_normal(shape)
+    w[0] = 0.0  # a constant filter must not divide by zero
+    fig = viz.filter_grid(w, path=p)
+    _check_png(p)
+    assert len(fig.axes) == n_axes
+    plt.close(fig)
+
+
+def test_heatmap(tmp_path):
+    p = tmp_path / "heat.png"
+    fig = viz.heatmap(PROB[np.newaxis], title="p(cat)", path=p)
+    _check_png(p)
+    assert len(fig.axes) == 2  # map + colorbar
+    plt.close(fig)
+
+
+@pytest.mark.parametrize("interp", ["nearest", "bilinear"])
+def test_overlay(tmp_path, interp):
+    p = tmp_path / f"overlay_{interp}.png"
+    fig = viz.overlay((IMAGE * 255).astype(np.uint8), PROB, alpha=0.4, path=p, interp=interp)
+    _check_png(p)
+    assert len(fig.axes) == 2
+    assert fig.axes[0].get_images()[1].get_array().shape == (48, 64)  # upsampled
+    plt.close(fig)
+
+
+def test_classification_map_figure(tmp_path):
+    p = tmp_path / "classes.png"
+    class_map = np.zeros((6, 8), dtype=int)
+    class_map[2:, 3:] = 7
+    class_map[0, 0] = 281
+    labels = {0: "background", 7: "cock", 281: "tabby cat"}
+    fig = viz.classification_map_figure(IMAGE, class_map, labels=labels, path=p)
+    _check_png(p)
+    assert len(fig.axes) == 2
+    legend = fig.axes[1].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == [
+        "0: background",
+        "7: cock",
+        "281: tabby cat",
+    ]
+    plt.close(fig)
+    # (K, H, W) scores are reduced with argmax
+    fig = viz.classification_map_figure(IMAGE, RNG.random((3, 6, 8)))
+    assert len(fig.axes) == 2
+    plt.close(fig)
+
+
+def test_loss_curve(tmp_path):
+    p = tmp_path / "loss.png"
+    fig = viz.loss_curve(np.exp(-np.linspace(0, 3, 50)), path=p, title="loss", smooth=5)
+    _check_png(p)
+    assert len(fig.axes) == 1
+    plt.close(fig)
+    fig = viz.loss_curve({"train": [3, 2, 1], "val": [3.5, 2.5, 2]}, log_y=True)
+    assert len(fig.axes[0].get_lines()) == 2
+    plt.close(fig)
+
+
+def test_before_after_heatmaps(tmp_path):
+    p = tmp_path / "before_after.png"
+    fig = viz.before_after_heatmaps(IMAGE, PROB, PROB**2, path=p)
+    _check_png(p)
+    assert len(fig.axes) == 4  # image, before, after, shared colorbar
+    before, after = (ax.get_images()[0] for ax in fig.axes[1:3])
+    assert before.get_clim() == after.get_clim()
+    plt.close(fig)
+
+
+def test_no_path_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fig = viz.heatmap(PROB)
+    assert list(tmp_path.iterdir()) == []
+    plt.close(fig)
