@@ -172,32 +172,50 @@ def deconvolution(
     ks = weight.shape[2:]
     if x.shape[1] != c_in or c_in % group:
         raise ValueError(f"input has {x.shape[1]} channels, weight {weight.shape}, group {group}")
-    # (C_in, C_out/g, k...) -> (g, C_in/g, C_out/g, k...) -> (C_out, C_in/g, k...), flipped:
-    # a transposed convolution is a plain convolution of the stride-dilated input with the
-    # spatially flipped, in/out-swapped kernel.
-    w = weight.reshape((group, c_in // group, c_out_g) + ks)
-    w = jnp.swapaxes(w, 1, 2).reshape((group * c_out_g, c_in // group) + ks)
-    w = jnp.flip(w, axis=tuple(range(2, 2 + nsp))).astype(x.dtype)
-    padding, crops = [], []
-    for k, p, d in zip(ks, pads, dils, strict=True):
-        lo = d * (k - 1) - p  # full-correlation padding minus Caffe's pad
-        padding.append((max(lo, 0), max(lo, 0)))
-        crops.append(max(-lo, 0))
+    n, c_in_g, c_out = x.shape[0], c_in // group, group * c_out_g
+    # Sub-pixel formulation (no zero-stuffed input, so no s^2 wasted work): write each kernel
+    # tap as i = a*s + r. Output row s*Y + r of the full (uncropped) deconvolution is then
+    # sum_a x[Y - a] * w[a*s + r], an ordinary full convolution of x with a kernel of A taps,
+    # A = ceil(extent / s), producing s outputs ("phases" r) per input row; the phases are
+    # interleaved afterwards (depth-to-space). Dilation is folded into the kernel as zeros.
+    exts = tuple(d * (k - 1) + 1 for k, d in zip(ks, dils, strict=True))
+    taps = tuple(-(-e // s) for e, s in zip(exts, strides, strict=True))
+    w = weight.astype(x.dtype)
+    if any(d > 1 for d in dils):
+        w = (
+            jnp.zeros((c_in, c_out_g) + exts, x.dtype)
+            .at[(slice(None), slice(None)) + tuple(slice(None, None, d) for d in dils)]
+            .set(w)
+        )
+    w = jnp.pad(
+        w, [(0, 0), (0, 0)] + [(0, a * s - e) for a, s, e in zip(taps, strides, exts, strict=True)]
+    )
+    split = sum(((a, s) for a, s in zip(taps, strides, strict=True)), ())
+    w = w.reshape((group, c_in_g, c_out_g) + split)  # g, c, o, (a_0, r_0), (a_1, r_1), ...
+    w = w.transpose(
+        (0, 2) + tuple(4 + 2 * i for i in range(nsp)) + (1,) + tuple(3 + 2 * i for i in range(nsp))
+    )  # g, o, r_0, r_1, ..., c, a_0, a_1, ...
+    w = w.reshape((c_out * math.prod(strides), c_in_g) + taps)
+    w = jnp.flip(w, axis=tuple(range(2, 2 + nsp)))
     y = lax.conv_general_dilated(
         x,
         w,
         window_strides=(1,) * nsp,
-        padding=padding,
-        lhs_dilation=strides,
-        rhs_dilation=dils,
+        padding=[(a - 1, a - 1) for a in taps],
         feature_group_count=group,
         precision=precision,
-    )
-    if any(crops):
-        index = (slice(None), slice(None)) + tuple(
-            slice(c, y.shape[2 + i] - c) for i, c in enumerate(crops)
-        )
-        y = y[index]
+    )  # (N, C_out * prod(s), H + A_h - 1, ...)
+    rows = y.shape[2:]
+    y = y.reshape((n, c_out) + strides + rows)
+    y = y.transpose((0, 1) + sum(((2 + nsp + i, 2 + i) for i in range(nsp)), ()))
+    y = y.reshape((n, c_out) + tuple(r * s for r, s in zip(rows, strides, strict=True)))
+    index = [slice(None), slice(None)]
+    for size, s, e, p in zip(x.shape[2:], strides, exts, pads, strict=True):
+        out = s * (size - 1) + e - 2 * p
+        if out < 1:
+            raise ValueError(f"deconvolution output size {out} < 1")
+        index.append(slice(p, p + out))
+    y = y[tuple(index)]
     if bias is not None:
         y = y + _channel_param(jnp.asarray(bias, y.dtype), y.ndim)
     return y

@@ -1,0 +1,198 @@
+"""Zero-copy caffemodel reading: walk the protobuf wire format to find each blob's payload.
+
+A caffemodel is a ``NetParameter`` whose layers hold ``BlobProto``s; ``BlobProto.data`` is a
+packed ``repeated float``, i.e. on the wire one length-delimited field whose payload is the
+little-endian float32 array. ``scan_caffemodel`` walks the top-level and layer messages in
+Python (a few dozen fields), records where each blob's payload lies, and hands protobuf only
+the small remainder (layer definitions without blobs). Arrays are then ``np.frombuffer``
+views into the file's buffer: no per-element work and no extra copy of the weights.
+
+Anything unusual (unpacked floats, unknown wire types in a blob) returns ``None`` so the
+caller can fall back to a full protobuf parse, which handles or reports it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from .errors import CaffeFormatError
+
+_V2_LAYER, _V1_LAYER = 100, 2
+_BLOBS = {_V2_LAYER: 7, _V1_LAYER: 6}
+
+
+@dataclasses.dataclass(frozen=True)
+class BlobRef:
+    """Where one blob's values lie in the buffer, and its declared shape."""
+
+    dims: tuple[int, ...]
+    legacy: bool          # shape from num/channels/height/width rather than BlobShape
+    offset: int
+    nbytes: int
+    dtype: str            # "<f4" (data) or "<f8" (double_data)
+
+
+class _Malformed(Exception):
+    pass
+
+
+def _varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= end or shift > 63:
+            raise _Malformed("truncated varint")
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+
+
+def _fields(buf: memoryview, pos: int, end: int):
+    """Yield (field, wire_type, start_of_tag, value_start, value_end, varint_value)."""
+    while pos < end:
+        start = pos
+        tag, pos = _varint(buf, pos, end)
+        field, wt = tag >> 3, tag & 7
+        if field == 0:
+            raise _Malformed("field number 0")
+        if wt == 0:
+            value, pos = _varint(buf, pos, end)
+            yield field, wt, start, pos, pos, value
+        elif wt == 1:
+            if pos + 8 > end:
+                raise _Malformed("truncated fixed64")
+            yield field, wt, start, pos, pos + 8, None
+            pos += 8
+        elif wt == 2:
+            n, pos = _varint(buf, pos, end)
+            if pos + n > end:
+                raise _Malformed("length-delimited field runs past its message")
+            yield field, wt, start, pos, pos + n, None
+            pos += n
+        elif wt == 5:
+            if pos + 4 > end:
+                raise _Malformed("truncated fixed32")
+            yield field, wt, start, pos, pos + 4, None
+            pos += 4
+        else:
+            raise _Malformed(f"wire type {wt}")
+
+
+def _signed(v: int) -> int:
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def _blob(buf: memoryview, pos: int, end: int) -> BlobRef | None:
+    dims: list[int] | None = None
+    legacy = [0, 0, 0, 0]
+    has_legacy = False
+    data = double = None
+    for field, wt, _, vs, ve, value in _fields(buf, pos, end):
+        if field == 7 and wt == 2:  # BlobShape
+            dims = []
+            for f2, wt2, _, s2, e2, v2 in _fields(buf, vs, ve):
+                if f2 != 1:
+                    continue
+                if wt2 == 2:
+                    p = s2
+                    while p < e2:
+                        d, p = _varint(buf, p, e2)
+                        dims.append(_signed(d))
+                elif wt2 == 0:
+                    dims.append(_signed(v2))
+                else:
+                    return None
+        elif field in (1, 2, 3, 4) and wt == 0:
+            legacy[field - 1] = _signed(value)
+            has_legacy = True
+        elif field == 5:
+            if wt != 2:
+                return None
+            data = (vs, ve)
+        elif field == 8:
+            if wt != 2:
+                return None
+            double = (vs, ve)
+        elif field in (1, 2, 3, 4, 5, 7, 8):
+            return None
+    if dims is None:
+        dims = legacy if has_legacy else []
+    if data is not None and data[1] > data[0]:
+        return BlobRef(tuple(dims), dims is legacy, data[0], data[1] - data[0], "<f4")
+    if double is not None:
+        return BlobRef(tuple(dims), dims is legacy, double[0], double[1] - double[0], "<f8")
+    return BlobRef(tuple(dims), dims is legacy, data[0] if data else 0, 0, "<f4")
+
+
+def _encode_varint(v: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = v & 0x7F
+        v >>= 7
+        if v:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def scan_caffemodel(raw: bytes | bytearray | memoryview
+                    ) -> tuple[bytes, list[list[BlobRef]]] | None:
+    """Split a caffemodel into (the NetParameter bytes without blobs, the blob refs of each
+    layer in order). ``None`` when the file needs the full parser."""
+    buf = memoryview(raw)
+    end = len(buf)
+    out = bytearray()
+    refs: list[list[BlobRef]] = []
+    try:
+        for field, wt, start, vs, ve, _ in _fields(buf, 0, end):
+            if field in _BLOBS and wt == 2:
+                layer = bytearray()
+                blobs: list[BlobRef] = []
+                for f2, wt2, s2, vs2, ve2, _ in _fields(buf, vs, ve):
+                    if f2 == _BLOBS[field] and wt2 == 2:
+                        ref = _blob(buf, vs2, ve2)
+                        if ref is None:
+                            return None
+                        blobs.append(ref)
+                    else:
+                        layer += buf[s2:ve2]
+                out += _encode_varint((field << 3) | 2)
+                out += _encode_varint(len(layer)) + layer
+                refs.append(blobs)
+            else:
+                out += buf[start:ve]
+    except _Malformed:
+        return None
+    return bytes(out), refs
+
+
+def blob_array(raw: bytes | bytearray | memoryview, ref: BlobRef, *, path=None, layer=None,
+               field=None, memory_budget: int | None = None) -> np.ndarray:
+    """The blob as a float32 array viewing ``raw`` (float64 payloads are converted)."""
+    dims = ref.dims
+    if any(d < 0 for d in dims):
+        raise CaffeFormatError(f"negative dimension in shape {dims}", path=path, layer=layer,
+                               field=field)
+    count = 1
+    for d in dims:
+        count *= d
+    if memory_budget is not None and count * 4 > memory_budget:
+        raise CaffeFormatError(f"shape {dims} needs {count * 4} bytes, over the memory budget "
+                               f"of {memory_budget}", path=path, layer=layer, field=field)
+    itemsize = 4 if ref.dtype == "<f4" else 8
+    if ref.nbytes % itemsize:
+        raise CaffeFormatError("data length is not a multiple of the element size",
+                               path=path, layer=layer, field=field)
+    n = ref.nbytes // itemsize
+    if n != count:
+        raise CaffeFormatError(f"holds {n} values but its shape {dims} needs {count}",
+                               path=path, layer=layer, field=field)
+    arr = np.frombuffer(raw, dtype=ref.dtype, count=n, offset=ref.offset)
+    if itemsize == 8:
+        arr = arr.astype(np.float32)
+    return arr.reshape(dims)
