@@ -408,7 +408,7 @@ def lrn(
     if region == "ACROSS_CHANNELS":
         window = (1, local_size) + (1,) * (x.ndim - 2)
         padding = ((0, 0), (pre_pad, pre_pad)) + ((0, 0),) * (x.ndim - 2)
-        sums = lax.reduce_window(sq, jnp.array(0, x.dtype), lax.add, window, (1,) * x.ndim, padding)
+        sums = lax.reduce_window(sq, 0.0, lax.add, window, (1,) * x.ndim, padding)
         scale_ = k + (alpha / local_size) * sums
         return x * jnp.power(scale_, -beta)
     if region == "WITHIN_CHANNEL":

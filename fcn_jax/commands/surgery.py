@@ -1,0 +1,140 @@
+"""``fcn-jax fcn`` (classifier -> fully convolutional prototxt + caffemodel) and
+``fcn-jax demo`` (the net surgery tutorial end to end)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import numpy as np
+
+import converters
+from converters import fcn as fcn_net
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "fcn", help="cast a classifier into a fully convolutional net (prototxt + caffemodel)",
+        description="Cast every InnerProduct of a classifier into a Convolution whose kernel "
+        "covers its bottom blob (the net surgery tutorial), renamed with a suffix, and write "
+        "PREFIX.prototxt and PREFIX.caffemodel that Caffe loads.")
+    p.add_argument("prototxt", help="the classifier's deploy .prototxt (V1 or V2)")
+    p.add_argument("caffemodel", help="its weights (.caffemodel, V1 or V2)")
+    p.add_argument("-o", "--output", required=True, metavar="PREFIX",
+                   help="writes PREFIX.prototxt and PREFIX.caffemodel")
+    p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"),
+                   help="input height and width of the new net (default: the classifier's)")
+    p.add_argument("--batch", type=int, metavar="N",
+                   help="batch size of the new net's input (default: the classifier's)")
+    p.add_argument("--suffix", default="-conv",
+                   help="appended to cast layers and their blobs (default: -conv; write "
+                   "--suffix=-x for values starting with '-')")
+    p.add_argument("--verify", action="store_true",
+                   help="check the new net equals the classifier at the classifier's input size")
+    p.set_defaults(func=cmd_fcn)
+
+    p = sub.add_parser(
+        "demo", help="the net surgery tutorial end to end, offline (figures + FCN files)",
+        description="Designer filters, bias surgery, CaffeNet -> fully convolutional cast, "
+        "transplant, save, dense 8x8 map on 451x451 and heatmaps; prints the tutorial's "
+        "tables. Without --weights the CaffeNet is random (seeded) and says so.")
+    from fcn_jax.demo import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_fcn(args: argparse.Namespace) -> int:
+    from fcn_jax.surgery import fc_to_conv
+
+    net = fcn_net.as_net(converters.read_net(args.prototxt))
+    params = converters.load_caffemodel(args.caffemodel)
+    shape = None
+    if args.input_size or args.batch:
+        old = next(iter(fcn_net.input_shapes(net).values()), None) if len(
+            fcn_net.input_shapes(net)) == 1 else None
+        if old is None or len(old) != 4:
+            raise converters.CaffeFormatError("--input-size/--batch need a net with one 4-D "
+                                              "Input", path=args.prototxt)
+        shape = ((args.batch or old[0]), old[1]) + tuple(args.input_size or old[2:])
+        if min(shape) < 1:
+            raise converters.CaffeFormatError(f"input shape {shape} must be positive",
+                                              path=args.prototxt)
+    try:
+        new_net = fcn_net.fully_convolutional_net(net, shape, args.suffix)
+        plan = fcn_net.fully_conv_plan(net, suffix=args.suffix)
+    except converters.CaffeFormatError as e:
+        if e.path is not None:
+            raise
+        raise converters.CaffeFormatError(e.reason, path=args.prototxt, layer=e.layer,
+                                          field=e.field) from None
+    except ValueError as e:
+        raise converters.CaffeFormatError(str(e), path=args.prototxt) from None
+    if not plan.casts:
+        raise converters.CaffeFormatError("no InnerProduct layer: nothing to cast",
+                                          path=args.prototxt)
+    try:
+        new_params = fc_to_conv(params, net, suffix=args.suffix)
+    except converters.CaffeFormatError as e:
+        raise converters.CaffeFormatError(e.reason, path=args.caffemodel, layer=e.layer,
+                                          field=e.field) from None
+    keep = {lp.name for lp in new_net.layer}
+    new_params = {k: {n: np.asarray(a) for n, a in v.items()} for k, v in new_params.items()
+                  if k in keep}
+    converters.load_caffe(new_net, new_params)  # validates every blob shape before writing
+    folder = os.path.dirname(os.path.abspath(args.output))
+    os.makedirs(folder, exist_ok=True)
+    proto_path, model_path = args.output + ".prototxt", args.output + ".caffemodel"
+    converters.write_prototxt(proto_path, new_net)
+    converters.save_caffemodel(model_path, new_params, new_net)
+    width = max(len(c.new_name) for c in plan.casts)
+    for c in plan.casts:
+        k = "x".join(str(v) for v in c.kernel)
+        print(f"  {c.name} -> {c.new_name:<{width}}  weight ({c.num_output}, "
+              f"{c.channels * c.kernel[0] * c.kernel[1]}) -> {c.weight_shape}  kernel {k}")
+    for name, kernel in plan.pooling_kernels:
+        print(f"  {name}: global pooling -> {kernel[0]}x{kernel[1]} stride 1")
+    for name in plan.removed:
+        print(f"  {name}: Flatten removed")
+    shapes = fcn_net.blob_shapes(new_net)
+    last = new_net.layer[-1].top[0] if new_net.layer[-1].top else None
+    if last in shapes:
+        print(f"output {last}: {shapes[last]}")
+    print(f"wrote {proto_path} and {model_path}")
+    if args.verify:
+        return _verify(net, params, new_net, new_params)
+    return 0
+
+
+def _verify(net, params, new_net, new_params) -> int:
+    """The FCN at the classifier's input size must give the classifier's outputs."""
+    import jax
+
+    shape = next(iter(fcn_net.input_shapes(net).values()))
+    shape = (1,) + tuple(shape[1:])
+    x = np.random.default_rng(0).normal(size=shape).astype(np.float32) * 50
+    clf, clf_params = converters.load_caffe(net, params, input_shape=shape)
+    fcn, _ = converters.load_caffe(new_net, new_params, input_shape=shape)
+    a = jax.jit(clf.apply)({"params": clf_params}, x)
+    b = jax.jit(fcn.apply)({"params": new_params}, x)
+    plan = fcn_net.fully_conv_plan(net)
+    renames = dict(plan.blob_renames)
+    worst = 0.0
+    for name, ref in a.items():
+        other = b.get(renames.get(name, name))
+        if other is None or other.size != ref.size:
+            continue
+        ref = np.asarray(ref, np.float64)
+        err = float(np.max(np.abs(np.asarray(other, np.float64).reshape(ref.shape) - ref)))
+        rel = err / max(float(np.max(np.abs(ref))), 1e-30)
+        worst = max(worst, rel)
+    ok = worst <= 1e-4
+    print(f"verify: classifier vs fully convolutional at {shape[2]}x{shape[3]}: max rel err "
+          f"{worst:.2e} ({'ok' if ok else 'FAILED'})")
+    return 0 if ok else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from fcn_jax.demo import run_demo
+
+    return run_demo(args)
