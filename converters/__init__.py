@@ -3,6 +3,7 @@ except for ``load_caffe``, which builds a Flax module."""
 
 from __future__ import annotations
 
+from ._load import load_caffe
 from .caffe_io import (
     PARAM_NAMES,
     build_caffemodel,
@@ -16,6 +17,7 @@ from .caffe_io import (
     read_caffemodel,
     read_net,
     read_prototxt,
+    resolve_memory_budget,
     save_caffemodel,
     upgrade_net,
     write_prototxt,
@@ -23,21 +25,10 @@ from .caffe_io import (
 from .errors import CaffeFormatError, UnsupportedLayerError
 from .proto import caffe_pb2
 
-
-def load_caffe(prototxt, caffemodel=None, **kwargs):
-    """Build ``(module, params)`` from a prototxt and optional caffemodel.
-
-    ``module.apply({"params": params}, x)`` returns every blob by Caffe name. Without a
-    caffemodel, params come from the prototxt fillers. See ``fcn_jax.net.load_caffe``.
-    """
-    from fcn_jax.net import load_caffe as _load
-
-    return _load(prototxt, caffemodel, **kwargs)
-
-
 __all__ = [
     "PARAM_NAMES", "CaffeFormatError", "UnsupportedLayerError", "build_caffemodel",
     "caffe_pb2", "filter_net", "format_prototxt", "load_caffe", "load_caffemodel",
     "net_params", "param_names", "parse_caffemodel", "parse_prototxt", "read_caffemodel",
-    "read_net", "read_prototxt", "save_caffemodel", "upgrade_net", "write_prototxt",
+    "read_net", "read_prototxt", "resolve_memory_budget", "save_caffemodel", "upgrade_net",
+    "write_prototxt",
 ]

@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 from google.protobuf import message as pb_message
-from google.protobuf import text_format
+from google.protobuf import text_format, unknown_fields
 
+from . import wire
 from ._io import atomic_write_bytes
 from .errors import CaffeFormatError
 from .proto import caffe_fast_pb2, caffe_pb2
@@ -41,6 +42,10 @@ PARAM_NAMES: dict[str, tuple[str, ...]] = {
 PROTOBUF_LIMIT = 2**31 - 1
 #: Default ceiling on the bytes a single file may make us allocate.
 DEFAULT_MEMORY_BUDGET = 8 * 2**30
+#: Environment variable overriding ``DEFAULT_MEMORY_BUDGET`` (bytes, or with a K/M/G suffix).
+MEMORY_BUDGET_ENV = "FCN_JAX_MEMORY_BUDGET"
+#: Caffe's ``kMaxBlobAxes``.
+MAX_BLOB_AXES = 32
 
 # UpgradeV1LayerType in Caffe's upgrade_proto.cpp
 _V1_TYPES = {
@@ -59,6 +64,25 @@ _V1_TYPES = {
 }
 
 
+def resolve_memory_budget(memory_budget: int | None = None) -> int:
+    """The memory budget in bytes: ``memory_budget`` if given, else ``$FCN_JAX_MEMORY_BUDGET``
+    (e.g. ``4G``, ``512M``, ``1000000``), else ``DEFAULT_MEMORY_BUDGET`` (8 GiB).
+
+    Every reader refuses, before allocating, a file or a shape that would need more.
+    """
+    if memory_budget is not None:
+        return int(memory_budget)
+    text = os.environ.get(MEMORY_BUDGET_ENV, "").strip()
+    if not text:
+        return DEFAULT_MEMORY_BUDGET
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?", text, flags=re.IGNORECASE)
+    if not m:
+        raise CaffeFormatError(f"{MEMORY_BUDGET_ENV}={text!r} is not a size like 4G or 512M",
+                               field=MEMORY_BUDGET_ENV)
+    scale = 1024 ** " KMGT".index((m.group(2) or " ").upper())
+    return int(float(m.group(1)) * scale)
+
+
 def param_names(layer_type: str, count: int) -> tuple[str, ...]:
     """Names of a layer's parameter blobs: readable for known types, ``blob{i}`` otherwise."""
     names = PARAM_NAMES.get(layer_type, ())
@@ -71,51 +95,120 @@ def param_names(layer_type: str, count: int) -> tuple[str, ...]:
 _UNKNOWN_FIELD = re.compile(r'has no field named "(\w+_param)"')
 
 
-def parse_prototxt(text: str, path: PathLike = "<string>"):
+def parse_prototxt(text: str, path: PathLike = "<string>", *,
+                   memory_budget: int | None = None):
     """Parse prototxt text into a V2 ``caffe.NetParameter`` (V1 and input fields upgraded).
 
     A syntax error raises ``CaffeFormatError`` with the line and column. A ``*_param``
     field unknown to BVLC Caffe (a fork's layer, e.g. SSD's ``norm_param``) is skipped so
-    that the unsupported layer type can be reported by name when the net is built.
+    that the unsupported layer type can be reported by name when the net is built. Input
+    shapes are checked: every dim positive, the blob within the memory budget.
     """
     net = caffe_pb2.NetParameter()
     try:
-        text_format.Parse(text, net)
-    except text_format.ParseError as e:
-        if _UNKNOWN_FIELD.search(str(e)):
+        try:
+            text_format.Parse(text, net)
+        except text_format.ParseError as e:
+            if not _UNKNOWN_FIELD.search(str(e)):
+                raise
             net = caffe_pb2.NetParameter()
-            try:
-                text_format.Parse(text, net, allow_unknown_field=True)
-            except text_format.ParseError as e2:
-                raise _syntax_error(e2, path) from None
-        else:
-            raise _syntax_error(e, path) from None
-    return upgrade_net(net, path)
+            text_format.Parse(text, net, allow_unknown_field=True)
+    except text_format.ParseError as e:
+        raise _syntax_error(e, path, text) from None
+    except RecursionError:
+        raise CaffeFormatError("syntax error: braces nested too deeply", path=path,
+                               field="syntax") from None
+    except (ValueError, TypeError, OverflowError) as e:  # protobuf's own checks on values
+        raise CaffeFormatError(f"syntax error: {e}", path=path, field="syntax") from None
+    net = upgrade_net(net, path)
+    check_input_shapes(net, path, memory_budget=memory_budget)
+    return net
 
 
-def _syntax_error(e: text_format.ParseError, path: PathLike) -> CaffeFormatError:
+def check_input_shapes(net, path: PathLike = "<net>", *,
+                       memory_budget: int | None = None) -> None:
+    """Refuse ``Input`` shapes with a zero or negative dim, more than 32 axes, or a blob
+    larger than the memory budget (checked before anything is allocated)."""
+    budget = resolve_memory_budget(memory_budget)
+    for layer in net.layer:
+        if layer.type != "Input":
+            continue
+        for i, shape in enumerate(layer.input_param.shape):
+            dims = tuple(int(d) for d in shape.dim)
+            field = f"input_param.shape[{i}]"
+            if len(dims) > MAX_BLOB_AXES:
+                raise CaffeFormatError(f"{len(dims)} axes, more than Caffe's {MAX_BLOB_AXES}",
+                                       path=path, layer=layer.name, field=field)
+            if any(d <= 0 for d in dims):
+                raise CaffeFormatError(f"dimensions must be positive, got {dims}", path=path,
+                                       layer=layer.name, field=field)
+            nbytes = math.prod(dims) * 4
+            if nbytes > budget:
+                raise CaffeFormatError(f"shape {dims} needs {nbytes} bytes, over the memory "
+                                       f"budget of {budget}", path=path, layer=layer.name,
+                                       field=field)
+
+
+def _syntax_error(e: text_format.ParseError, path: PathLike, text: str) -> CaffeFormatError:
     msg = str(e)
     line, col = e.GetLine(), e.GetColumn()
     msg = re.sub(r"^\d+:\d+\s*:\s*", "", msg)
+    if len(msg) > 200 and msg.startswith("'") and line:
+        # protobuf quotes the whole offending line first: keep only the reason
+        lines = text.splitlines()
+        quoted = len(lines[line - 1]) if line <= len(lines) else 0
+        cut = msg.find("': ", max(1, quoted - 10))
+        if cut > 0:
+            msg = msg[cut + 3:]
     where = f"line {line}, column {col}" if line else "syntax"
     return CaffeFormatError(f"syntax error: {msg}", path=path, field=where)
 
 
-def read_prototxt(path: PathLike):
-    """Read a ``.prototxt`` net definition (V1 or V2) into a V2 ``caffe.NetParameter``."""
+def _file_size(path: PathLike, budget: int) -> int:
+    """The size of ``path``, refused when over protobuf's limit or the memory budget."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read(PROTOBUF_LIMIT + 1)
+        size = os.stat(path).st_size
     except OSError as e:
         raise CaffeFormatError(f"cannot read: {e.strerror}", path=path) from None
-    if len(raw) > PROTOBUF_LIMIT:
-        raise CaffeFormatError("file exceeds protobuf's 2 GiB limit", path=path)
+    if size > PROTOBUF_LIMIT:
+        raise CaffeFormatError(f"file of {size} bytes exceeds protobuf's 2 GiB limit "
+                               f"({PROTOBUF_LIMIT} bytes)", path=path)
+    if size > budget:
+        raise CaffeFormatError(f"file of {size} bytes exceeds the memory budget of {budget} "
+                               f"bytes (set {MEMORY_BUDGET_ENV} to raise it)", path=path)
+    return size
+
+
+def _read_bytes(path: PathLike, limit: int) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(limit + 1)
+    except OSError as e:
+        raise CaffeFormatError(f"cannot read: {e.strerror}", path=path) from None
+    if len(raw) > limit:  # the file grew since it was measured
+        raise CaffeFormatError(f"file exceeds the limit of {limit} bytes", path=path)
+    return raw
+
+
+def read_prototxt(path: PathLike, *, memory_budget: int | None = None):
+    """Read a ``.prototxt`` net definition (V1 or V2) into a V2 ``caffe.NetParameter``.
+
+    Refuses (before reading) files over protobuf's 2 GiB limit or the memory budget, and
+    nets without layers (an empty file, or one cut before its first layer).
+    """
+    budget = resolve_memory_budget(memory_budget)
+    _file_size(path, budget)
+    raw = _read_bytes(path, min(budget, PROTOBUF_LIMIT))
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise CaffeFormatError(f"not a text prototxt (byte {e.start} is not UTF-8)",
                                path=path) from None
-    return parse_prototxt(text, path)
+    net = parse_prototxt(text, path, memory_budget=budget)
+    if not net.layer:
+        raise CaffeFormatError("no layers: an empty or truncated net definition", path=path,
+                               field="layer")
+    return net
 
 
 def format_prototxt(net) -> str:
@@ -245,147 +338,301 @@ def filter_net(net, phase: str = "TEST", stages: tuple[str, ...] = (), level: in
 # ----------------------------------------------------------------------------- binary
 
 
-def read_caffemodel(path: PathLike, *, memory_budget: int = DEFAULT_MEMORY_BUDGET):
+def read_caffemodel(path: PathLike, *, memory_budget: int | None = None):
     """Read a ``.caffemodel`` (V1 or V2) into a V2 NetParameter of the fast schema.
 
     Each blob's ``data`` is raw little-endian float32 ``bytes`` (``double_data`` float64).
+    Files over protobuf's 2 GiB limit or the memory budget are refused before reading.
     """
-    try:
-        size = os.path.getsize(path)
-        if size > PROTOBUF_LIMIT:
-            raise CaffeFormatError(f"file of {size} bytes exceeds protobuf's 2 GiB limit",
-                                   path=path)
-        if size > memory_budget:
-            raise CaffeFormatError(f"file of {size} bytes exceeds the memory budget of "
-                                   f"{memory_budget} bytes", path=path)
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise CaffeFormatError(f"cannot read: {e.strerror}", path=path) from None
+    budget = resolve_memory_budget(memory_budget)
+    _file_size(path, budget)
+    raw = _read_bytes(path, min(budget, PROTOBUF_LIMIT))
     return parse_caffemodel(raw, path)
 
 
-def parse_caffemodel(raw: bytes, path: PathLike = "<bytes>"):
-    """Parse caffemodel bytes; see ``read_caffemodel``."""
-    net = caffe_fast_pb2.NetParameter()
+def _parse(schema, raw: bytes, path: PathLike):
+    net = schema.NetParameter()
     try:
         net.ParseFromString(raw)
-    except (pb_message.DecodeError, RuntimeError, ValueError) as e:
-        raise CaffeFormatError(f"not a valid caffemodel (truncated or corrupt: {e})",
+    except (pb_message.DecodeError, RuntimeError, ValueError, RecursionError) as e:
+        reason = str(e) or type(e).__name__
+        raise CaffeFormatError(f"not a valid caffemodel (truncated or corrupt: {reason})",
                                path=path) from None
-    if _has_unpacked_arrays(net):
-        # a writer that did not pack BlobProto.data: fall back to the exact schema
-        net = caffe_pb2.NetParameter()
-        try:
-            net.ParseFromString(raw)
-        except (pb_message.DecodeError, RuntimeError, ValueError) as e:
-            raise CaffeFormatError(f"not a valid caffemodel ({e})", path=path) from None
+    return net
+
+
+def parse_caffemodel(raw: bytes, path: PathLike = "<bytes>"):
+    """Parse caffemodel bytes; see ``read_caffemodel``.
+
+    Besides protobuf's own checks, refuses fields protobuf had to set aside as unknown
+    although the schema knows them (a wrong wire type, or an enum value Caffe does not
+    define): protobuf would otherwise silently use the field's default.
+    """
+    net = _parse(caffe_fast_pb2, raw, path)
+    if _needs_exact_schema(net):
+        # unpacked floats, or packed data split into several chunks (protobuf concatenates
+        # them; the fast schema would keep only the last): parse with Caffe's exact schema
+        net = _parse(caffe_pb2, raw, path)
+    check_wire_types(net, path)
     if not net.layer and not net.layers:
         raise CaffeFormatError("no layers: not a caffemodel, or an empty one", path=path)
     return upgrade_net(net, path)
 
 
-def _has_unpacked_arrays(net) -> bool:
-    """True when a blob declares a non-empty shape but no packed payload was found."""
+def _needs_exact_schema(net) -> bool:
+    """True when some blob's packed payload does not hold exactly its shape's values."""
     for layer in list(net.layer) + list(net.layers):
         for blob in layer.blobs:
             dims = _blob_dims(blob)
-            if dims and math.prod(dims) > 0 and not blob.data and not blob.double_data:
+            if any(d < 0 for d in dims):
+                continue  # refused later with a clear message
+            count = math.prod(dims)
+            if blob.double_data:
+                have = len(blob.double_data) / 8
+            else:
+                have = len(blob.data) / 4
+            if have != count:
+                return True
+            if unknown_fields.UnknownFieldSet(blob) and any(
+                    u.field_number in (5, 6, 8, 9) for u in unknown_fields.UnknownFieldSet(blob)):
                 return True
     return False
 
 
+def _type_name(fd) -> str:
+    for name, number in vars(type(fd)).items():
+        if name.startswith("TYPE_") and number == fd.type:
+            return name[5:].lower()
+    return "?"
+
+
+def _is_repeated(fd) -> bool:
+    flag = getattr(fd, "is_repeated", None)  # protobuf >= 5.28; `label` went away in 7
+    return bool(flag) if flag is not None else fd.label == fd.LABEL_REPEATED
+
+
+def check_wire_types(net, path: PathLike = "<net>") -> None:
+    """Raise ``CaffeFormatError`` for a field that protobuf set aside as unknown although
+    the schema declares it: a wrong wire type (e.g. a flipped tag byte), or an enum value
+    outside Caffe's enum; and for text fields that are not UTF-8 (protobuf hands those out
+    as ``bytes``). Unknown field *numbers* (fields of Caffe forks) are allowed."""
+
+    def walk(msg, layer: str | None, where: str) -> None:
+        desc = msg.DESCRIPTOR
+        for u in unknown_fields.UnknownFieldSet(msg):
+            fd = desc.fields_by_number.get(u.field_number)
+            if fd is None:
+                continue
+            if fd.type == fd.TYPE_ENUM and u.wire_type == 0:
+                reason = f"value {u.data} is not a valid {fd.enum_type.name}"
+            else:
+                reason = (f"wire type {u.wire_type} cannot hold a {_type_name(fd)} field "
+                          "(corrupt file)")
+            raise CaffeFormatError(reason, path=path, layer=layer, field=where + fd.name)
+        for fd, value in msg.ListFields():
+            if fd.type == fd.TYPE_STRING:
+                values = value if _is_repeated(fd) else [value]
+                if any(isinstance(v, bytes) for v in values):  # upb's invalid UTF-8
+                    raise CaffeFormatError("text is not valid UTF-8 (corrupt file)", path=path,
+                                           layer=layer, field=where + fd.name)
+                continue
+            if fd.message_type is None or (where == "" and layer is None
+                                           and fd.name in ("layer", "layers")):
+                continue
+            if _is_repeated(fd):
+                for i, item in enumerate(value):
+                    walk(item, layer, f"{where}{fd.name}[{i}].")
+            else:
+                walk(value, layer, f"{where}{fd.name}.")
+
+    walk(net, None, "")
+    for kind in ("layer", "layers"):
+        if kind not in net.DESCRIPTOR.fields_by_name:
+            continue
+        for i, layer in enumerate(getattr(net, kind)):
+            name = layer.name
+            walk(layer, name if name and isinstance(name, str) else f"{kind}[{i}]", "")
+
+
 def _blob_dims(blob) -> tuple[int, ...]:
+    """Caffe's ``Blob::FromProto``: the legacy 4-D dims when any is set, else ``shape``."""
+    if any(blob.HasField(f) for f in ("num", "channels", "height", "width")):
+        return tuple(int(d) for d in (blob.num, blob.channels, blob.height, blob.width))
     if blob.HasField("shape"):
         return tuple(int(d) for d in blob.shape.dim)
-    legacy = (blob.num, blob.channels, blob.height, blob.width)
-    if any(blob.HasField(f) for f in ("num", "channels", "height", "width")):
-        return tuple(int(d) for d in legacy)
     return ()
 
 
-def blob_to_array(blob, *, path: PathLike = "<net>", layer: str = "?", field: str = "blob",
-                  memory_budget: int = DEFAULT_MEMORY_BUDGET) -> np.ndarray:
-    """A ``BlobProto`` as a float32 numpy array in its stored shape, validated.
-
-    Refuses negative dims, shapes over the memory budget (before allocating) and data whose
-    length disagrees with the shape. Legacy 4-D blobs keep their 4 dims.
-    """
-    dims = _blob_dims(blob)
+def check_blob_dims(dims: tuple[int, ...], *, path: PathLike | None = "<net>",
+                    layer: str | None = "?", field: str | None = "blob",
+                    memory_budget: int | None = None) -> int:
+    """Validate a blob shape before allocating: at most 32 axes, positive dims, within the
+    memory budget. Returns the element count."""
+    budget = resolve_memory_budget(memory_budget)
+    if len(dims) > MAX_BLOB_AXES:
+        raise CaffeFormatError(f"{len(dims)} axes, more than Caffe's {MAX_BLOB_AXES}",
+                               path=path, layer=layer, field=field)
     if any(d < 0 for d in dims):
         raise CaffeFormatError(f"negative dimension in shape {dims}", path=path, layer=layer,
                                field=field)
+    if any(d == 0 for d in dims):
+        raise CaffeFormatError(f"zero dimension in shape {dims} (an empty blob)", path=path,
+                               layer=layer, field=field)
     count = math.prod(dims)
-    if count * 4 > memory_budget:
+    if count * 4 > budget:
         raise CaffeFormatError(f"shape {dims} needs {count * 4} bytes, over the memory budget "
-                               f"of {memory_budget}", path=path, layer=layer, field=field)
+                               f"of {budget}", path=path, layer=layer, field=field)
+    return count
+
+
+def blob_to_array(blob, *, path: PathLike = "<net>", layer: str = "?", field: str = "blob",
+                  memory_budget: int | None = None) -> np.ndarray:
+    """A ``BlobProto`` as a float32 array in its stored shape, validated (Caffe's
+    ``Blob::FromProto``: ``double_data`` wins over ``data``).
+
+    Refuses zero or negative dims, more than 32 axes, shapes over the memory budget (before
+    allocating) and data whose length disagrees with the shape. Legacy 4-D blobs keep their
+    4 dims.
+    """
+    dims = _blob_dims(blob)
+    count = check_blob_dims(dims, path=path, layer=layer, field=field,
+                            memory_budget=memory_budget)
     data, double = blob.data, blob.double_data
-    if isinstance(data, bytes):
-        if len(data) % 4 or len(double) % 8:
-            raise CaffeFormatError("float data length is not a multiple of the element size",
-                                   path=path, layer=layer, field=field)
-        arr = (np.frombuffer(data, dtype="<f4") if data or not double
-               else np.frombuffer(double, dtype="<f8").astype(np.float32))
+    use_double = len(double) > 0
+    values = double if use_double else data
+    if isinstance(values, bytes):
+        width = 8 if use_double else 4
+        if len(values) % width:
+            raise CaffeFormatError(f"{'double_data' if use_double else 'data'} length "
+                                   f"{len(values)} is not a multiple of {width}", path=path,
+                                   layer=layer, field=field)
+        size = len(values) // width
     else:
-        arr = np.asarray(data if len(data) or not len(double) else double, dtype=np.float32)
-    if arr.size != count:
-        raise CaffeFormatError(f"holds {arr.size} values but its shape {dims} needs {count}",
+        size = len(values)
+    if size != count:
+        raise CaffeFormatError(f"holds {size} values but its shape {dims} needs {count}",
                                path=path, layer=layer, field=field)
+    if isinstance(values, bytes):
+        arr = np.frombuffer(values, dtype="<f8" if use_double else "<f4")
+    else:
+        arr = np.asarray(values, dtype=np.float64 if use_double else np.float32)
     return arr.astype(np.float32, copy=False).reshape(dims)
 
 
 def _squeeze_legacy(layer_type: str, name: str, arr: np.ndarray, blob) -> np.ndarray:
-    """Legacy 4-D V1 blobs in the modern shapes: biases 1-D, InnerProduct weights 2-D."""
-    if blob.HasField("shape") or arr.ndim != 4:
+    """Legacy 4-D V1 blobs in the modern shapes (see ``_squeeze_legacy_dims``)."""
+    return _squeeze_legacy_dims(layer_type, name, arr, not blob.HasField("shape"))
+
+
+def _squeeze_legacy_dims(layer_type: str, name: str, arr: np.ndarray,
+                         legacy: bool) -> np.ndarray:
+    """Legacy 4-D V1 blobs in the modern shapes: biases 1-D, InnerProduct weights 2-D.
+
+    Only leading axes of size 1 are dropped; any other legacy shape is kept as stored (the
+    net's shape check then reports it).
+    """
+    if not legacy or arr.ndim != 4:
         return arr
-    if name == "bias" or (layer_type in ("BatchNorm", "Scale", "PReLU")):
+    if (name == "bias" or layer_type in ("BatchNorm", "Scale", "PReLU")) \
+            and arr.shape[:3] == (1, 1, 1):
         return arr.reshape(arr.shape[-1])
-    if layer_type == "InnerProduct" and name == "weight":
+    if layer_type == "InnerProduct" and name == "weight" and arr.shape[:2] == (1, 1):
         return arr.reshape(arr.shape[-2:])
     return arr
 
 
 def net_params(net, *, path: PathLike = "<net>",
-               memory_budget: int = DEFAULT_MEMORY_BUDGET) -> Params:
-    """The parameter blobs held in a NetParameter, as ``params[layer][name]`` numpy arrays."""
+               memory_budget: int | None = None) -> Params:
+    """The parameter blobs held in a NetParameter, as ``params[layer][name]`` numpy arrays.
+
+    Layers with blobs must have distinct, non-empty names; all blobs together must fit the
+    memory budget.
+    """
+    budget = resolve_memory_budget(memory_budget)
     params: Params = {}
     total = 0
-    for layer in net.layer:
+    for i, layer in enumerate(net.layer):
         if not layer.blobs:
             continue
+        if not layer.name:
+            raise CaffeFormatError("a layer with weights has no name", path=path,
+                                   layer=f"layer[{i}]", field="name")
         if layer.name in params:
             raise CaffeFormatError("duplicate layer name", path=path, layer=layer.name,
                                    field="name")
         names = param_names(layer.type, len(layer.blobs))
         entry = {}
-        for i, (name, blob) in enumerate(zip(names, layer.blobs, strict=True)):
-            arr = blob_to_array(blob, path=path, layer=layer.name, field=f"blobs[{i}]",
-                                memory_budget=memory_budget - total)
+        for j, (name, blob) in enumerate(zip(names, layer.blobs, strict=True)):
+            arr = blob_to_array(blob, path=path, layer=layer.name, field=f"blobs[{j}]",
+                                memory_budget=budget - total)
             total += arr.nbytes
             entry[name] = _squeeze_legacy(layer.type, name, arr, blob)
         params[layer.name] = entry
     return params
 
 
-def load_caffemodel(path: PathLike, *,
-                    memory_budget: int = DEFAULT_MEMORY_BUDGET) -> Params:
+def load_caffemodel(path: PathLike, *, memory_budget: int | None = None) -> Params:
     """Read a ``.caffemodel`` (V1 or V2) into ``params[layer_name][blob_name]`` arrays.
 
     Convolution ``{"weight": (O, I/group, kh, kw), "bias": (O,)}``, InnerProduct
     ``{"weight": (N, K), "bias": (N,)}`` (legacy 1x1xNxK squeezed), BatchNorm
-    ``mean/variance/scale_factor``, Scale ``scale/bias``, PReLU ``slope``.
+    ``mean/variance/scale_factor``, Scale ``scale/bias``, PReLU ``slope``. Malformed files
+    raise ``CaffeFormatError``; see ``resolve_memory_budget`` for the size limit.
+
+    The weights are read without per-element work: the file is read once into a buffer and
+    each array is a view of it (``converters.wire``); unusual encodings take the full parser.
     """
-    net = read_caffemodel(path, memory_budget=memory_budget)
-    return net_params(net, path=path, memory_budget=memory_budget)
+    budget = resolve_memory_budget(memory_budget)
+    _file_size(path, budget)
+    raw = bytearray(_read_bytes(path, min(budget, PROTOBUF_LIMIT)))
+    scan = wire.scan_caffemodel(raw)
+    if scan is None:
+        return net_params(parse_caffemodel(bytes(raw), path), path=path, memory_budget=budget)
+    stripped, refs = scan
+    plain = _parse(caffe_fast_pb2, stripped, path)
+    check_wire_types(plain, path)
+    layers = list(plain.layer) or list(plain.layers)
+    by_name: dict[str, list] = {}
+    for i, (layer, blob_refs) in enumerate(zip(layers, refs, strict=True)):
+        if not blob_refs:
+            continue
+        if not layer.name:
+            raise CaffeFormatError("a layer with weights has no name", path=path,
+                                   layer=f"layer[{i}]", field="name")
+        if layer.name in by_name:
+            raise CaffeFormatError("duplicate layer name", path=path, layer=layer.name,
+                                   field="name")
+        by_name[layer.name] = blob_refs
+    if not layers:
+        raise CaffeFormatError("no layers: not a caffemodel, or an empty one", path=path)
+    net = upgrade_net(plain, path)
+    params: Params = {}
+    total = 0
+    for layer in net.layer:
+        blob_refs = by_name.get(layer.name)
+        if not blob_refs:
+            continue
+        entry = {}
+        for j, (name, ref) in enumerate(zip(param_names(layer.type, len(blob_refs)),
+                                            blob_refs, strict=True)):
+            arr = wire.blob_array(raw, ref, path=path, layer=layer.name, field=f"blobs[{j}]",
+                                  memory_budget=budget - total)
+            total += arr.nbytes
+            entry[name] = _squeeze_legacy_dims(layer.type, name, arr, ref.legacy)
+        params[layer.name] = entry
+    return params
 
 
-def read_net(path: PathLike):
+def read_net(path: PathLike, *, memory_budget: int | None = None):
     """Read a net definition from a ``.prototxt`` or the structure of a ``.caffemodel``."""
-    with open(path, "rb") as f:
-        head = f.read(64)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as e:
+        raise CaffeFormatError(f"cannot read: {e.strerror}", path=path) from None
     if _looks_binary(head):
-        return read_caffemodel(path)
-    return read_prototxt(path)
+        return read_caffemodel(path, memory_budget=memory_budget)
+    return read_prototxt(path, memory_budget=memory_budget)
 
 
 def _looks_binary(head: bytes) -> bool:

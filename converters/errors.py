@@ -3,6 +3,20 @@
 from __future__ import annotations
 
 import os
+import re
+
+#: Longest message kept; longer ones (e.g. a parser quoting a 1 MB line) are cut with "...".
+MAX_MESSAGE = 400
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _clean(text: str, limit: int = MAX_MESSAGE) -> str:
+    """One printable line: whitespace runs collapsed, control characters (terminal escapes
+    from a hostile file) shown as ``\\xNN``, cut to ``limit`` characters."""
+    text = " ".join(str(text).split())
+    text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class CaffeFormatError(ValueError):
@@ -10,6 +24,8 @@ class CaffeFormatError(ValueError):
 
     The message is one line naming the file, the layer and the field, e.g.
     ``deploy.prototxt: layer 'conv2': blobs[0]: shape (256, 96, 5, 5) does not match ...``.
+    Text that comes from the file (layer names, quoted content) is made printable and cut
+    to a sane length, so a hostile file cannot flood or drive the terminal.
     """
 
     def __init__(self, message: str, *, path: str | os.PathLike | None = None,
@@ -20,12 +36,13 @@ class CaffeFormatError(ValueError):
         self.reason = message
         parts = []
         if self.path is not None:
-            parts.append(os.path.basename(self.path) if len(self.path) > 120 else self.path)
+            shown = os.path.basename(self.path) if len(self.path) > 120 else self.path
+            parts.append(_clean(shown, 200))
         if layer is not None:
-            parts.append(f"layer {layer!r}")
+            parts.append(f"layer {_clean(repr(layer), 120)}")
         if field is not None:
-            parts.append(field)
-        parts.append(" ".join(str(message).split()))
+            parts.append(_clean(field, 120))
+        parts.append(_clean(message))
         super().__init__(": ".join(parts))
 
 

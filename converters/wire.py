@@ -45,6 +45,8 @@ def _varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
             raise _Malformed("truncated varint")
         b = buf[pos]
         pos += 1
+        if shift == 63 and b > 1:
+            raise _Malformed("varint over 64 bits")
         result |= (b & 0x7F) << shift
         if not b & 0x80:
             return result, pos
@@ -110,22 +112,24 @@ def _blob(buf: memoryview, pos: int, end: int) -> BlobRef | None:
             legacy[field - 1] = _signed(value)
             has_legacy = True
         elif field == 5:
-            if wt != 2:
-                return None
+            if wt != 2 or data is not None:
+                return None  # unpacked, or packed in several chunks: the full parser
             data = (vs, ve)
         elif field == 8:
-            if wt != 2:
+            if wt != 2 or double is not None:
                 return None
             double = (vs, ve)
         elif field in (1, 2, 3, 4, 5, 7, 8):
             return None
-    if dims is None:
-        dims = legacy if has_legacy else []
-    if data is not None and data[1] > data[0]:
-        return BlobRef(tuple(dims), dims is legacy, data[0], data[1] - data[0], "<f4")
-    if double is not None:
+    if has_legacy:  # Caffe's Blob::FromProto: legacy 4-D dims win over BlobShape
+        dims = legacy
+    elif dims is None:
+        dims = []
+    if double is not None and double[1] > double[0]:  # Caffe: double_data wins
         return BlobRef(tuple(dims), dims is legacy, double[0], double[1] - double[0], "<f8")
-    return BlobRef(tuple(dims), dims is legacy, data[0] if data else 0, 0, "<f4")
+    if data is not None:
+        return BlobRef(tuple(dims), dims is legacy, data[0], data[1] - data[0], "<f4")
+    return BlobRef(tuple(dims), dims is legacy, 0, 0, "<f4")
 
 
 def _encode_varint(v: int) -> bytes:
@@ -173,26 +177,21 @@ def scan_caffemodel(raw: bytes | bytearray | memoryview
 
 def blob_array(raw: bytes | bytearray | memoryview, ref: BlobRef, *, path=None, layer=None,
                field=None, memory_budget: int | None = None) -> np.ndarray:
-    """The blob as a float32 array viewing ``raw`` (float64 payloads are converted)."""
-    dims = ref.dims
-    if any(d < 0 for d in dims):
-        raise CaffeFormatError(f"negative dimension in shape {dims}", path=path, layer=layer,
-                               field=field)
-    count = 1
-    for d in dims:
-        count *= d
-    if memory_budget is not None and count * 4 > memory_budget:
-        raise CaffeFormatError(f"shape {dims} needs {count * 4} bytes, over the memory budget "
-                               f"of {memory_budget}", path=path, layer=layer, field=field)
+    """The blob as a float32 array viewing ``raw`` (float64 payloads are converted), after
+    the same checks as ``caffe_io.blob_to_array`` (dims, budget, length)."""
+    from .caffe_io import check_blob_dims
+
+    count = check_blob_dims(ref.dims, path=path, layer=layer, field=field,
+                            memory_budget=memory_budget)
     itemsize = 4 if ref.dtype == "<f4" else 8
     if ref.nbytes % itemsize:
-        raise CaffeFormatError("data length is not a multiple of the element size",
+        raise CaffeFormatError(f"data length {ref.nbytes} is not a multiple of {itemsize}",
                                path=path, layer=layer, field=field)
     n = ref.nbytes // itemsize
     if n != count:
-        raise CaffeFormatError(f"holds {n} values but its shape {dims} needs {count}",
+        raise CaffeFormatError(f"holds {n} values but its shape {ref.dims} needs {count}",
                                path=path, layer=layer, field=field)
     arr = np.frombuffer(raw, dtype=ref.dtype, count=n, offset=ref.offset)
     if itemsize == 8:
         arr = arr.astype(np.float32)
-    return arr.reshape(dims)
+    return arr.reshape(ref.dims)

@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (CaffeFormatError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
+    except (CaffeFormatError, OSError) as e:
         print(f"fcn-jax: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -322,31 +322,31 @@ def imagenet_mean_bgr() -> np.ndarray:
 def load_mean(path: str | os.PathLike) -> np.ndarray:
     """Load a mean from a ``.npy`` file or a Caffe ``.binaryproto`` (BlobProto) file.
 
-    The format is detected from the content (NumPy magic), not the suffix.  A
-    binaryproto blob with the legacy 4-D shape ``(1, C, H, W)`` is returned as
-    ``(C, H, W)``.  Returns float64.  Raises ``ValueError`` naming the file for
-    malformed input.
+    The format is detected from the content (NumPy magic), not the suffix. A binaryproto
+    blob with the legacy 4-D shape ``(1, C, H, W)`` is returned as ``(C, H, W)``. Returns
+    float64. Malformed input raises ``CaffeFormatError`` (a ``ValueError``) naming the file.
     """
+    from converters import CaffeFormatError
+    from converters.npy import load_npy
+
     path = os.fspath(path)
     with open(path, "rb") as f:
-        data = f.read()
-    if data.startswith(b"\x93NUMPY"):
-        import io
-
-        try:
-            arr = np.load(io.BytesIO(data), allow_pickle=False)
-        except ValueError as e:
-            raise ValueError(f"{path}: cannot read .npy mean: {e}") from e
-        if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "biuf":
-            raise ValueError(f"{path}: mean must be a numeric array, got dtype {arr.dtype}")
+        magic = f.read(6)
+    if magic == b"\x93NUMPY":
+        arr = load_npy(path)
+        if arr.dtype.kind not in "biuf":
+            raise CaffeFormatError(f"mean must be a numeric array, got dtype {arr.dtype}",
+                                   path=path)
     else:
-        arr = parse_blobproto(data, source=path)
+        with open(path, "rb") as f:
+            arr = parse_blobproto(f.read(), source=path)
         if arr.ndim == 4:
             if arr.shape[0] != 1:
-                raise ValueError(f"{path}: mean blob has num={arr.shape[0]}, expected 1")
+                raise CaffeFormatError(f"mean blob has num={arr.shape[0]}, expected 1",
+                                       path=path, field="num")
             arr = arr[0]
     if arr.size == 0:
-        raise ValueError(f"{path}: empty mean (shape {arr.shape})")
+        raise CaffeFormatError(f"empty mean (shape {arr.shape})", path=path)
     return arr.astype(np.float64)
 
 
@@ -369,7 +369,9 @@ class _Reader:
         self.source = source
 
     def fail(self, field: str, msg: str) -> ValueError:
-        return ValueError(f"{self.source}: malformed BlobProto, field {field}: {msg}")
+        from converters import CaffeFormatError
+
+        return CaffeFormatError(f"malformed BlobProto: {msg}", path=self.source, field=field)
 
     def varint(self, pos: int, end: int, field: str) -> tuple[int, int]:
         result = shift = 0

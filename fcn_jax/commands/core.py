@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 
 import numpy as np
 
@@ -19,7 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input-shape", type=int, nargs="+", metavar="D",
                    help="input shape N C H W (default: the prototxt's)")
     p.add_argument("--check", action="store_true",
-                   help="report NaN/Inf or absurd magnitudes in the weights")
+                   help="report NaN/Inf or absurd magnitudes in the weights (exit 1 if any)")
+    p.add_argument("--absurd", type=float, default=1e4, metavar="X",
+                   help="with --check, flag weights with |w| above X (default 1e4)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("run", help="run a net on an input array and save every blob")
@@ -42,18 +45,27 @@ def _fmt(shape) -> str:
 
 
 def weight_report(params: dict, absurd: float = 1e4) -> list[str]:
-    """Problems in a params tree: non-finite values, or magnitudes above ``absurd``."""
+    """Problems in a params tree: non-finite values, or magnitudes above ``absurd``.
+
+    One line per blob, e.g. ``fc6/weight: 3 non-finite values (2 NaN, 1 Inf), first at
+    (0, 17)`` or ``conv1/bias: max |w| = 3.4e+38 > 1e+04``.
+    """
     problems = []
     for layer, blobs in params.items():
         for name, arr in blobs.items():
             a = np.asarray(arr)
-            bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
+            if a.dtype.kind not in "fc":
+                continue
+            finite_mask = np.isfinite(a)
+            bad = int(a.size - np.count_nonzero(finite_mask))
             if bad:
-                problems.append(f"{layer}/{name}: {bad} non-finite values (NaN/Inf)")
-            finite = a[np.isfinite(a)]
-            if finite.size and float(np.max(np.abs(finite))) > absurd:
-                problems.append(f"{layer}/{name}: max |w| = {float(np.max(np.abs(finite))):.3g}"
-                                f" > {absurd:g}")
+                nan = int(np.count_nonzero(np.isnan(a)))
+                first = tuple(int(i) for i in np.argwhere(~finite_mask)[0])
+                problems.append(f"{layer}/{name}: {bad} non-finite values ({nan} NaN, "
+                                f"{bad - nan} Inf), first at {first}")
+            biggest = float(np.max(np.abs(np.where(finite_mask, a, 0)))) if a.size else 0.0
+            if biggest > absurd:
+                problems.append(f"{layer}/{name}: max |w| = {biggest:.3g} > {absurd:g}")
     return problems
 
 
@@ -106,7 +118,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         if params is None:
             raise CaffeFormatError("--check needs weights (a caffemodel or --weights)",
                                    path=args.file)
-        problems = weight_report(params)
+        problems = weight_report(params, absurd=args.absurd)
         for p in problems:
             print(f"check: {p}")
         print(f"check: {'FAILED' if problems else 'ok'} ({len(problems)} problems)")
@@ -117,15 +129,21 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     import jax
 
+    from converters.npy import load_npy, load_npz
     from fcn_jax.io_utils import atomic_save_npz
 
-    if args.input.endswith(".npz"):
-        with np.load(args.input, allow_pickle=False) as z:
-            x = {k: z[k].astype(np.float32) for k in z.files}
+    with open(args.input, "rb") as f:
+        is_zip = f.read(4) == b"PK\x03\x04"
+    if is_zip:
+        x = {k: v.astype(np.float32) for k, v in load_npz(args.input).items()}
     else:
-        x = np.load(args.input, allow_pickle=False).astype(np.float32)
+        x = load_npy(args.input).astype(np.float32)
     shape = ({k: v.shape for k, v in x.items()} if isinstance(x, dict) else x.shape)
     module, params = converters.load_caffe(args.prototxt, args.caffemodel, input_shape=shape)
+    if not isinstance(x, dict):
+        from fcn_jax.predict import check_activation_budget
+
+        check_activation_budget(module, params, x.shape)
     outputs = tuple(args.outputs) if args.outputs else None
     blobs = jax.jit(lambda p, x: module.apply({"params": p}, x, outputs=outputs))(params, x)
     blobs = {k: np.asarray(v) for k, v in blobs.items()}
@@ -135,7 +153,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"  {k:<12} {_fmt(v.shape)}")
     print(f"wrote {len(blobs)} blobs to {args.blobs}")
     if nonfinite:
-        print(f"warning: non-finite values in {nonfinite}")
+        print(f"warning: non-finite values (NaN/Inf) in blobs {nonfinite}", file=sys.stderr)
         return 1
     return 0
 

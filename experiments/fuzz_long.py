@@ -1,0 +1,334 @@
+"""Long fuzzing run of every fcn-jax reader: coverage-guided with atheris when it is
+installed (``pip install atheris``; an experiment tool, not a dependency), else hypothesis
+with many examples.
+
+Targets (each fed arbitrary bytes, seeded with the real reference files in tests/data):
+  caffemodel  converters.parse_caffemodel + net_params, and the zero-copy wire scanner
+  prototxt    converters.parse_prototxt + fcn_jax.net.compile_net (structure checks)
+  checkpoint  fcn_jax.checkpoint.parse_checkpoint (format 2 and legacy 1)
+  mean        fcn_jax.preprocess.parse_blobproto (binaryproto means)
+  npy         converters.npy.load_npy / load_npz
+
+A "crash" is any exception other than the documented one (CaffeFormatError; ValueError
+for the binaryproto mean parser), or a message that is not one line. Unique crashes (by type
+and place) are saved under results/fuzz_crashes/. Prints a table and writes
+results/fuzz_long.json.
+
+    python experiments/fuzz_long.py [--seconds 120] [--targets caffemodel,prototxt,...]
+                                    [--engine atheris|hypothesis]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "data"
+RESULTS = ROOT / "results"
+TARGETS = ("caffemodel", "prototxt", "checkpoint", "mean", "npy")
+
+
+# ----------------------------------------------------------------------------- seeds
+
+
+def seeds(target: str) -> list[bytes]:
+    """Real files to start from."""
+    import io
+
+    import numpy as np
+
+    if target == "caffemodel":
+        files = sorted((DATA / "layers").glob("*.caffemodel")) + sorted(
+            (DATA / "zoo").glob("*.caffemodel"))
+        return [p.read_bytes() for p in files]
+    if target == "prototxt":
+        files = sorted((DATA / "layers").glob("*.prototxt")) + sorted(
+            (DATA / "zoo").glob("*.prototxt")) + sorted((DATA / "source").glob("*.prototxt"))
+        files.append(DATA / "caffenet_mini" / "caffenet_mini_deploy_v1.prototxt")
+        return [p.read_bytes() for p in files]
+    if target == "checkpoint":
+        from flax import serialization
+
+        from fcn_jax.checkpoint import save_checkpoint
+
+        out = []
+        with tempfile.TemporaryDirectory() as d:
+            tree = {"conv": {"weight": np.linspace(-1, 1, 24, dtype=np.float32).reshape(2, 3, 4),
+                             "bias": np.zeros(2, np.float32)}, "opt": (np.int32(3), [1.5, "x"])}
+            save_checkpoint(Path(d) / "c", tree, {"prototxt": "name: 'n'"})
+            out.append((Path(d) / "c").read_bytes())
+        out.append(serialization.msgpack_serialize(
+            {"format": "fcn-jax/1", "meta": {}, "tree": {"w": np.ones((3, 3), np.float32)}}))
+        return out
+    if target == "mean":
+        from converters.proto import caffe_pb2
+
+        mean = np.load(DATA / "source" / "ilsvrc_2012_mean_bgr.npy", allow_pickle=False)
+        legacy = caffe_pb2.BlobProto(num=1, channels=3, height=2, width=2)
+        legacy.data.extend(np.repeat(mean.astype(np.float32), 4))
+        shaped = caffe_pb2.BlobProto()
+        shaped.shape.dim.extend([3, 1, 1])
+        shaped.double_data.extend(mean)
+        return [legacy.SerializeToString(), shaped.SerializeToString()]
+    if target == "npy":
+        mean = np.load(DATA / "source" / "ilsvrc_2012_mean_bgr.npy", allow_pickle=False)
+        a, z = io.BytesIO(), io.BytesIO()
+        np.save(a, mean)
+        np.savez_compressed(z, mean=mean, grid=np.arange(6, dtype=np.int16).reshape(2, 3))
+        return [a.getvalue(), z.getvalue()]
+    raise ValueError(target)
+
+
+# ----------------------------------------------------------------------------- targets
+
+
+def make_target(target: str, scratch: Path):
+    """``fn(data: bytes)``: run the reader; returns normally on success or on the documented
+    error, raises anything else."""
+    import converters
+    from converters import CaffeFormatError
+
+    def expect_one_line(e: BaseException) -> None:
+        if "\n" in str(e) or len(str(e)) > 800:
+            raise AssertionError(f"message not one short line: {str(e)[:200]!r}")
+
+    if target == "caffemodel":
+        from converters.wire import blob_array, scan_caffemodel
+
+        def fn(data: bytes) -> None:
+            try:
+                converters.net_params(converters.parse_caffemodel(data, "f"), path="f")
+            except CaffeFormatError as e:
+                expect_one_line(e)
+            try:
+                scanned = scan_caffemodel(data)
+            except CaffeFormatError as e:
+                expect_one_line(e)
+                return
+            if scanned is not None:
+                for refs in scanned[1]:
+                    for ref in refs:
+                        try:
+                            blob_array(data, ref, memory_budget=2**30)
+                        except CaffeFormatError as e:
+                            expect_one_line(e)
+        return fn
+    if target == "prototxt":
+        from fcn_jax.net import compile_net
+
+        def fn(data: bytes) -> None:
+            try:
+                net = converters.parse_prototxt(data.decode("utf-8"), "f")
+                compile_net(net, path="f")
+            except UnicodeDecodeError:
+                pass  # read_prototxt reports this itself before parsing
+            except CaffeFormatError as e:
+                expect_one_line(e)
+        return fn
+    if target == "checkpoint":
+        from fcn_jax.checkpoint import parse_checkpoint
+
+        def fn(data: bytes) -> None:
+            try:
+                parse_checkpoint(data, "f")
+            except CaffeFormatError as e:
+                expect_one_line(e)
+        return fn
+    if target == "mean":
+        from fcn_jax.preprocess import parse_blobproto
+
+        def fn(data: bytes) -> None:
+            try:
+                parse_blobproto(data, "f")
+            except ValueError as e:
+                expect_one_line(e)
+        return fn
+    if target == "npy":
+        from converters.npy import load_npy, load_npz
+
+        path = scratch / "a"
+
+        def fn(data: bytes) -> None:
+            path.write_bytes(data)
+            try:
+                load_npz(path) if data[:2] == b"PK" else load_npy(path)
+            except CaffeFormatError as e:
+                expect_one_line(e)
+        return fn
+    raise ValueError(target)
+
+
+class Recorder:
+    """Counts cases and keeps one input per unique crash (exception type + place)."""
+
+    def __init__(self, target: str, fn, out: Path):
+        self.target, self.fn, self.out = target, fn, out
+        self.cases = 0
+        self.crashes: dict[str, dict] = {}
+        self.last_flush = time.monotonic()
+
+    def __call__(self, data: bytes) -> None:
+        self.cases += 1
+        try:
+            self.fn(data)
+        except Exception as e:  # noqa: BLE001 - a crash is what we are looking for
+            tb = traceback.extract_tb(e.__traceback__)
+            place = f"{Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else "?"
+            key = f"{type(e).__name__} at {place}"
+            if key not in self.crashes:
+                digest = hashlib.sha1(data).hexdigest()[:12]
+                crash_dir = RESULTS / "fuzz_crashes"
+                crash_dir.mkdir(parents=True, exist_ok=True)
+                (crash_dir / f"{self.target}-{digest}.bin").write_bytes(data)
+                self.crashes[key] = {"message": str(e)[:300], "input": f"{self.target}-{digest}"
+                                     ".bin", "size": len(data), "count": 0}
+                print(f"[{self.target}] new crash: {key}: {str(e)[:200]}", file=sys.stderr)
+            self.crashes[key]["count"] += 1
+        if time.monotonic() - self.last_flush > 2:
+            self.flush()
+
+    def flush(self) -> None:
+        self.last_flush = time.monotonic()
+        tmp = self.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"cases": self.cases, "crashes": self.crashes}))
+        os.replace(tmp, self.out)
+
+
+# ----------------------------------------------------------------------------- engines
+
+
+def child_atheris(target: str, seconds: int, out: Path) -> None:
+    """Run inside a fresh process: instrument our packages, then libFuzzer until time's up."""
+    import atheris
+
+    with atheris.instrument_imports(include=["converters", "fcn_jax"]):
+        import converters  # noqa: F401
+        import converters.npy  # noqa: F401
+        import converters.wire  # noqa: F401
+        import fcn_jax.checkpoint  # noqa: F401
+        import fcn_jax.net  # noqa: F401
+        import fcn_jax.preprocess  # noqa: F401
+    scratch = Path(tempfile.mkdtemp())
+    rec = Recorder(target, make_target(target, scratch), out)
+    corpus = scratch / "corpus"
+    corpus.mkdir()
+    for i, s in enumerate(seeds(target)):
+        (corpus / f"seed{i}").write_bytes(s)
+    import atexit
+
+    atexit.register(rec.flush)
+    atheris.Setup([sys.argv[0], f"-max_total_time={seconds}", "-max_len=65536",
+                   "-rss_limit_mb=4096", "-timeout=20", str(corpus)], rec)
+    atheris.Fuzz()
+
+
+def run_atheris(target: str, seconds: int) -> dict:
+    out = RESULTS / f"fuzz_{target}.json"
+    out.unlink(missing_ok=True)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, __file__, "--child", target, "--seconds",
+                           str(seconds)], env=env, capture_output=True, text=True,
+                          timeout=seconds + 600)
+    elapsed = time.monotonic() - start
+    stats = json.loads(out.read_text()) if out.exists() else {"cases": 0, "crashes": {}}
+    cov = ft = None
+    for line in proc.stderr.splitlines():
+        if " cov: " in line:
+            parts = line.split()
+            cov = int(parts[parts.index("cov:") + 1])
+            if "ft:" in parts:
+                ft = int(parts[parts.index("ft:") + 1])
+    if proc.returncode not in (0,) and not stats["crashes"]:
+        tail = "\n".join(proc.stderr.splitlines()[-15:])
+        stats["crashes"]["fuzzer stopped"] = {"message": tail[-500:], "count": 1}
+    return {"target": target, "engine": "atheris", "seconds": round(elapsed, 1),
+            "cases": stats["cases"], "coverage_edges": cov, "features": ft,
+            "crashes": stats["crashes"]}
+
+
+def run_hypothesis(target: str, seconds: int) -> dict:
+    """Fallback: random byte mutations of the seeds, as many as fit in ``seconds``."""
+    import random
+
+    scratch = Path(tempfile.mkdtemp())
+    out = RESULTS / f"fuzz_{target}.json"
+    rec = Recorder(target, make_target(target, scratch), out)
+    pool = seeds(target)
+    rng = random.Random(0)
+    start = time.monotonic()
+    while time.monotonic() - start < seconds:
+        b = bytearray(rng.choice(pool))
+        for _ in range(rng.randint(1, 4)):
+            if not b:
+                break
+            k, at = rng.randrange(5), rng.randrange(len(b))
+            if k == 0:
+                del b[at:]
+            elif k == 1:
+                b[at] ^= 1 << rng.randrange(8)
+            elif k == 2:
+                b[at] = rng.choice([0, 1, 0x7F, 0x80, 0xFF, rng.randrange(256)])
+            elif k == 3:
+                b[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
+            else:
+                src = rng.randrange(len(b))
+                b[at:at + 16] = b[src:src + 16]
+        rec(bytes(b))
+    rec.flush()
+    return {"target": target, "engine": "random mutation", "seconds": round(
+        time.monotonic() - start, 1), "cases": rec.cases, "coverage_edges": None,
+        "features": None, "crashes": rec.crashes}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=int, default=120, help="per target (default 120)")
+    ap.add_argument("--targets", default=",".join(TARGETS))
+    ap.add_argument("--engine", choices=("atheris", "hypothesis"), default=None)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    RESULTS.mkdir(exist_ok=True)
+    if args.child:
+        child_atheris(args.child, args.seconds, RESULTS / f"fuzz_{args.child}.json")
+        return
+    engine = args.engine
+    if engine is None:
+        try:
+            import atheris  # noqa: F401
+            engine = "atheris"
+        except ImportError:
+            engine = "hypothesis"
+    rows = []
+    for target in args.targets.split(","):
+        print(f"fuzzing {target} with {engine} for {args.seconds} s ...", flush=True)
+        run = run_atheris if engine == "atheris" else run_hypothesis
+        rows.append(run(target, args.seconds))
+    print(f"\n{'target':<11} {'engine':<9} {'seconds':>8} {'cases':>10} {'cases/s':>8} "
+          f"{'cov':>6} {'crashes':>8}")
+    for r in rows:
+        rate = r["cases"] / r["seconds"] if r["seconds"] else 0
+        print(f"{r['target']:<11} {r['engine'][:9]:<9} {r['seconds']:>8.0f} {r['cases']:>10,} "
+              f"{rate:>8.0f} {r['coverage_edges'] or '-':>6} {len(r['crashes']):>8}")
+        for key, c in r["crashes"].items():
+            print(f"    {key}: {c['message'][:120]} (x{c['count']})")
+    total = {"cases": sum(r["cases"] for r in rows),
+             "crashes": sum(len(r["crashes"]) for r in rows)}
+    print(f"\ntotal: {total['cases']:,} cases, {total['crashes']} unique crashes")
+    (RESULTS / "fuzz_long.json").write_text(json.dumps(
+        {"engine": engine, "seconds_per_target": args.seconds, "total": total,
+         "targets": rows}, indent=2) + "\n")
+    print(f"wrote {RESULTS / 'fuzz_long.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""``fcn-jax predict``: batch inference over images (top-k classes or dense class maps),
+resumable, skipping unreadable images."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+import converters
+from converters import CaffeFormatError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict", help="run a net over many images: top-k classes or dense class maps",
+        description="Preprocess images like pycaffe's Transformer (resize to the net input, "
+        "RGB->BGR, x255, minus the mean), run the jit-compiled net in batches and write "
+        "OUT/results.jsonl (one record per image, written as it goes), OUT/maps/*.npz "
+        "(--dense) and OUT/summary.json. Unreadable images are skipped with a warning; the "
+        "exit status is 1 if any was skipped or gave non-finite outputs. An interrupted run "
+        "continues with --resume.")
+    p.add_argument("prototxt", help="deploy .prototxt (V1 or V2)")
+    p.add_argument("weights", help=".caffemodel, or an fcn-jax checkpoint")
+    p.add_argument("images", nargs="*", help="image files")
+    p.add_argument("--dir", help="also every image under this folder (recursive)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--batch-size", type=int, default=8, metavar="B", help="default 8")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--top-k", type=int, default=5, metavar="K",
+                      help="classes per image (default 5)")
+    mode.add_argument("--dense", action="store_true",
+                      help="per-pixel class maps of an (N, C, H, W) output (e.g. an FCN)")
+    p.add_argument("--blob", help="output blob (default: the net's last)")
+    p.add_argument("--save-blob", action="store_true",
+                   help="with --dense, also store the whole (C, H, W) output per image")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a run in --out, skipping images already done")
+    p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"),
+                   help="resize images to this size (default: the prototxt's input)")
+    p.add_argument("--mean", default="imagenet",
+                   help="'imagenet' (per-channel BGR mean, default for 3 channels), 'none', "
+                   "or a .npy / .binaryproto mean file")
+    p.add_argument("--raw-scale", type=float, default=255.0,
+                   help="multiply [0, 1] pixels by this (default 255)")
+    p.add_argument("--no-channel-swap", action="store_true",
+                   help="keep RGB order (default: RGB->BGR as Caffe models expect)")
+    p.add_argument("--labels", help="text file with one class name per line")
+    p.add_argument("--workers", type=int, default=2, help="image-decoding threads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_predict)
+
+
+def _load_weights(prototxt: str, weights: str, input_shape):
+    from fcn_jax.checkpoint import MAGIC, load_checkpoint
+
+    try:
+        with open(weights, "rb") as f:
+            head = f.read(len(MAGIC))
+    except OSError as e:
+        raise CaffeFormatError(f"cannot read: {e.strerror}", path=weights) from None
+    if head == MAGIC:
+        tree, _ = load_checkpoint(weights)
+        return converters.load_caffe(prototxt, tree, input_shape=input_shape)
+    return converters.load_caffe(prototxt, weights, input_shape=input_shape)
+
+
+def _mean(arg: str, channels: int, height: int, width: int):
+    from fcn_jax.preprocess import imagenet_mean_bgr, load_mean
+
+    if arg == "none":
+        return None
+    if arg == "imagenet":
+        return imagenet_mean_bgr() if channels == 3 else None
+    from converters.npy import load_npy
+
+    with open(arg, "rb") as f:
+        is_npy = f.read(6) == b"\x93NUMPY"
+    try:
+        mean = load_npy(arg) if is_npy else load_mean(arg)
+    except CaffeFormatError:
+        raise
+    except ValueError as e:  # preprocess.load_mean reports bad files as ValueError
+        raise CaffeFormatError(str(e), field="mean") from None
+    mean = np.asarray(mean, np.float64)
+    if mean.ndim == 4 and mean.shape[0] == 1:
+        mean = mean[0]
+    if mean.ndim == 3 and mean.shape[1:] != (height, width):
+        mean = mean.mean(axis=(1, 2))  # a mean image of another size: per-channel mean
+    return mean
+
+
+def _labels(path: str | None) -> tuple[str, ...] | None:
+    if path is None:
+        return None
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return tuple(line.rstrip("\n") for line in f)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from fcn_jax import predict as P
+    from fcn_jax.preprocess import caffe_transformer
+
+    try:
+        images = P.list_images(args.images, args.dir)
+    except OSError as e:
+        print(f"fcn-jax: error: {e}", file=sys.stderr)
+        return 2
+    if not images:
+        print("fcn-jax: error: no images (give files or --dir)", file=sys.stderr)
+        return 2
+    net = converters.read_prototxt(args.prototxt)
+    shapes = [list(s.dim) for lp in net.layer if lp.type == "Input"
+              for s in lp.input_param.shape]
+    if len(shapes) != 1 or len(shapes[0]) != 4:
+        raise CaffeFormatError("predict needs a net with one 4-D Input", path=args.prototxt)
+    _, c, h, w = (int(d) for d in shapes[0])
+    if args.input_size:
+        h, w = args.input_size
+        if min(h, w) < 1:
+            raise CaffeFormatError(f"--input-size {h} {w} must be positive", field="input")
+    try:
+        cfg = P.PredictConfig(batch_size=args.batch_size, top_k=args.top_k, dense=args.dense,
+                              blob=args.blob, save_blob=args.save_blob,
+                              labels=_labels(args.labels), workers=args.workers)
+    except ValueError as e:
+        print(f"fcn-jax: error: {e}", file=sys.stderr)
+        return 2
+    module, params = _load_weights(args.prototxt, args.weights, (args.batch_size, c, h, w))
+    try:
+        transformer = caffe_transformer(
+            (c, h, w), mean=_mean(args.mean, c, h, w), raw_scale=args.raw_scale,
+            channel_swap=None if args.no_channel_swap or c != 3 else (2, 1, 0))
+    except CaffeFormatError:
+        raise
+    except ValueError as e:
+        raise CaffeFormatError(str(e), path=None if args.mean in ("imagenet", "none")
+                               else args.mean, field="mean") from None
+    try:
+        summary = P.run_predict(module, params, images, args.out, transformer, cfg,
+                                resume=args.resume, progress=not args.no_progress)
+    except FileExistsError as e:
+        print(f"fcn-jax: error: {e}", file=sys.stderr)
+        return 2
+    s = summary
+    ok = s.processed - len(s.failed)
+    if s.done_before:
+        print(f"resumed: {s.done_before} of {s.total} images were already done")
+    if s.processed > s.first_batch_images:
+        speed = (f"{s.images_per_second:.1f} images/s after the first batch, which took "
+                 f"{s.first_batch_seconds:.1f} s with compilation")
+    else:
+        speed = f"{s.images_per_second:.1f} images/s including compilation"
+    print(f"{ok} images predicted, {len(s.failed)} skipped, in {s.seconds:.1f} s ({speed})")
+    print(f"results: {os.path.join(args.out, P.JOURNAL)}")
+    if s.failed:
+        print(f"warning: {len(s.failed)} images could not be read:", file=sys.stderr)
+        for path in s.failed[:20]:
+            print(f"  {path}", file=sys.stderr)
+        if len(s.failed) > 20:
+            print(f"  ... and {len(s.failed) - 20} more (see summary.json)", file=sys.stderr)
+    if s.nonfinite:
+        print(f"warning: {s.nonfinite} images gave non-finite outputs (NaN/Inf)",
+              file=sys.stderr)
+    return 1 if s.failed or s.nonfinite else 0

@@ -1,0 +1,502 @@
+"""Batch inference over many images: ``fcn-jax predict``'s engine, as small functions.
+
+A run reads images, preprocesses them like pycaffe's ``Transformer`` (resized to the net's
+input, so every batch has one shape and the forward pass compiles once; the last batch is
+padded), runs the jit-compiled net batch by batch and writes results as it goes:
+
+``OUT/results.jsonl``
+    one JSON record per image, appended and fsynced after every batch (a journal):
+    ``{"image", "top_k": [{"class", "score", "label"?}], "nonfinite"}``; in dense mode also
+    ``{"shard", "key", "shape"}`` pointing at the maps; ``{"image", "error"}`` for an image
+    that could not be read.
+``OUT/maps/NNNNNN.npz`` (dense mode)
+    one archive per batch, written atomically *before* its records: ``KEY_argmax`` (H, W)
+    class map, ``KEY_score`` (H, W) its score, and ``KEY_blob`` (C, H, W) with
+    ``save_blob``.
+``OUT/run.json``, ``OUT/summary.json``
+    the settings of the run, and counts, failures and throughput at the end (atomic).
+
+An interrupted run continues with ``resume=True``: images with a record (and, in dense mode,
+an existing shard) are skipped, a torn last line of the journal is dropped, failed images
+are tried again. Memory stays flat: nothing grows with the number of images processed
+except the list of names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from converters import CaffeFormatError
+from converters._io import atomic_write_bytes
+from converters.caffe_io import resolve_memory_budget
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
+                    ".ppm", ".pgm", ".pnm")
+JOURNAL = "results.jsonl"
+#: Images with more pixels than this are skipped unread (decompression bombs, memory).
+MAX_PIXELS = 64_000_000
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictConfig:
+    """What to compute and write. ``top_k`` classes per image from ``blob`` (default: the
+    net's last blob); ``dense`` writes per-pixel class maps of a (N, C, H, W) blob."""
+
+    batch_size: int = 8
+    top_k: int = 5
+    dense: bool = False
+    blob: str | None = None
+    save_blob: bool = False
+    labels: tuple[str, ...] | None = None
+    workers: int = 2
+    max_pixels: int = MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be positive, got {self.top_k}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be positive, got {self.workers}")
+
+
+@dataclasses.dataclass
+class PredictSummary:
+    """Counts of one run (``done_before``: skipped by ``--resume``)."""
+
+    total: int
+    done_before: int
+    processed: int = 0
+    failed: list[str] = dataclasses.field(default_factory=list)
+    nonfinite: int = 0
+    seconds: float = 0.0
+    first_batch_seconds: float = 0.0
+    first_batch_images: int = 0
+
+    @property
+    def images_per_second(self) -> float:
+        """Throughput after the first batch (which includes compilation)."""
+        steady = self.seconds - self.first_batch_seconds
+        n = self.processed - self.first_batch_images
+        if steady > 0 and n > 0:
+            return n / steady
+        return self.processed / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"total": self.total, "done_before": self.done_before,
+                "processed": self.processed, "ok": self.processed - len(self.failed),
+                "failed": len(self.failed), "failed_images": self.failed,
+                "nonfinite": self.nonfinite, "seconds": round(self.seconds, 3),
+                "first_batch_seconds": round(self.first_batch_seconds, 3),
+                "images_per_second": round(self.images_per_second, 2)}
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def list_images(paths: Sequence[str | os.PathLike] = (), directory: str | os.PathLike | None
+                = None, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[str]:
+    """Image paths: ``paths`` in the given order, then every file under ``directory`` whose
+    suffix is an image extension, sorted; duplicates dropped."""
+    out: list[str] = [os.path.normpath(os.fspath(p)) for p in paths]
+    if directory is not None:
+        root = Path(directory)
+        if not root.is_dir():
+            raise NotADirectoryError(f"{directory}: not a directory")
+        exts = {e.lower() for e in extensions}
+        found = []
+        for folder, dirs, files in os.walk(root):
+            dirs.sort()
+            found.extend(os.path.join(folder, f) for f in files
+                         if os.path.splitext(f)[1].lower() in exts)
+        out.extend(sorted(os.path.normpath(p) for p in found))
+    return list(dict.fromkeys(out))
+
+
+def load_and_preprocess(path: str, transformer, *, max_pixels: int = MAX_PIXELS
+                        ) -> np.ndarray:
+    """One image as the net's ``(C, H, W)`` float32 input (``fcn_jax.preprocess``); raises on
+    an unreadable, corrupt or oversized image."""
+    from fcn_jax.preprocess import load_image, preprocess
+
+    _check_pixels(path, max_pixels)
+    color = transformer.input_shape[0] != 1
+    img = load_image(path, color=color)
+    if img.ndim != 3 or min(img.shape[:2]) < 1:
+        raise ValueError(f"image of shape {img.shape}")
+    return preprocess(transformer, img)
+
+
+def _check_pixels(path: str, max_pixels: int) -> None:
+    """Refuse huge images from their header, before decoding them."""
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - pillow comes with scikit-image's imageio
+        return
+    with Image.open(path) as im:  # reads the header only
+        w, h = im.size
+    if w * h > max_pixels:
+        raise ValueError(f"{w}x{h} image has more than {max_pixels} pixels")
+
+
+def _reason(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return f"{type(e).__name__}: {text[:300]}"
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def _forward(module, params, outputs: tuple[str, ...]
+             ) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    """The compiled forward pass: an (N, C, H, W) float32 batch -> ``{blob: array}``.
+
+    The one place that builds the jitted net, so that a faster engine can replace it.
+    """
+    from .inference import compile_forward
+
+    # weights laid out once for the NHWC fast path; the batch shape is fixed here, so no
+    # spatial buckets (spatial_step=1)
+    return compile_forward(module, params, outputs=outputs, spatial_step=1)
+
+
+def check_activation_budget(module, params, batch_shape: tuple[int, ...], *,
+                            memory_budget: int | None = None) -> dict[str, tuple[int, ...]]:
+    """Every blob's shape for this batch shape (a shape-only trace), refusing a batch whose
+    blobs together exceed the memory budget before anything runs."""
+    import jax
+    import jax.numpy as jnp
+
+    budget = resolve_memory_budget(memory_budget)
+    shapes = jax.eval_shape(lambda p, x: module.apply({"params": p}, x), params,
+                            jax.ShapeDtypeStruct(batch_shape, jnp.float32))
+    total = sum(math.prod(s.shape) * s.dtype.itemsize for s in shapes.values())
+    if total > budget:
+        raise CaffeFormatError(
+            f"a batch of shape {batch_shape} needs {total} bytes of blobs, over the memory "
+            f"budget of {budget}; use a smaller --batch-size or input size", field="batch")
+    return {k: tuple(v.shape) for k, v in shapes.items()}
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def top_k(scores: np.ndarray, k: int, labels: Sequence[str] | None = None
+          ) -> list[dict[str, Any]]:
+    """The ``k`` highest of a 1-D score vector, best first (ties: lower class first)."""
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    k = min(k, scores.size)
+    order = np.argsort(-scores, kind="stable")[:k]
+    out = []
+    for c in order:
+        entry: dict[str, Any] = {"class": int(c), "score": _finite_or_none(scores[c])}
+        if labels is not None and c < len(labels):
+            entry["label"] = labels[c]
+        out.append(entry)
+    return out
+
+
+def _finite_or_none(v: float) -> float | None:
+    return float(v) if math.isfinite(v) else None
+
+
+def class_map(blob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(argmax class, its score) per pixel of a (C, H, W) score blob."""
+    idx = np.argmax(blob, axis=0)
+    score = np.take_along_axis(blob, idx[None], axis=0)[0]
+    dtype = np.uint16 if blob.shape[0] <= 65536 else np.int32
+    return idx.astype(dtype), score.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- journal
+
+
+def read_journal(out_dir: str | os.PathLike) -> tuple[dict[str, dict], int]:
+    """The last good record of each image in ``OUT/results.jsonl`` and the byte length of
+    its intact part (a torn last line, from a killed run, is not counted)."""
+    path = Path(out_dir) / JOURNAL
+    records: dict[str, dict] = {}
+    good = 0
+    if not path.exists():
+        return records, 0
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.endswith(b"\n"):
+                break  # torn tail of a killed run
+            good += len(line)
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a damaged line: its image is simply done again
+            if isinstance(rec, dict) and isinstance(rec.get("image"), str):
+                records[os.path.normpath(rec["image"])] = rec
+    return records, good
+
+
+def finished_images(out_dir: str | os.PathLike, dense: bool) -> set[str]:
+    """Images a previous run finished: a record without error (and its shard, if dense)."""
+    records, _ = read_journal(out_dir)
+    done = set()
+    shard_ok: dict[str, bool] = {}
+    for image, rec in records.items():
+        if "error" in rec:
+            continue
+        if dense:
+            shard = rec.get("shard")
+            if not isinstance(shard, str):
+                continue
+            if shard not in shard_ok:
+                shard_ok[shard] = (Path(out_dir) / shard).is_file()
+            if not shard_ok[shard]:
+                continue
+        done.add(image)
+    return done
+
+
+def _append(journal, records: Iterable[dict]) -> None:
+    text = "".join(json.dumps(r, allow_nan=False) + "\n" for r in records)
+    journal.write(text.encode())
+    journal.flush()
+    os.fsync(journal.fileno())
+
+
+def _save_npz_atomic(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getbuffer())
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def _loaded_batches(images: Sequence[str], transformer, cfg: PredictConfig
+                    ) -> Iterator[list[tuple[str, np.ndarray | None, str | None]]]:
+    """Batches of ``(path, input or None, error or None)``, read by ``cfg.workers`` threads
+    one batch ahead (memory: at most two batches of images)."""
+    def load(path: str):
+        try:
+            return path, load_and_preprocess(path, transformer, max_pixels=cfg.max_pixels), None
+        except Exception as e:  # any decoder error: the image is skipped, the run goes on
+            return path, None, _reason(e)
+
+    chunks = [images[i:i + cfg.batch_size] for i in range(0, len(images), cfg.batch_size)]
+    with ThreadPoolExecutor(max_workers=cfg.workers) as pool:
+        pending: list[Future] | None = None
+        for i in range(len(chunks) + 1):
+            ahead = [pool.submit(load, p) for p in chunks[i]] if i < len(chunks) else None
+            if pending is not None:
+                yield [f.result() for f in pending]
+            pending = ahead
+
+
+def run_predict(module, params, images: Sequence[str], out_dir: str | os.PathLike,
+                transformer, cfg: PredictConfig = PredictConfig(), *, resume: bool = False,
+                progress: bool = True, memory_budget: int | None = None,
+                on_batch: Callable[[int, PredictSummary], None] | None = None
+                ) -> PredictSummary:
+    """Run the net over ``images`` and write results to ``out_dir`` (see the module doc).
+
+    ``transformer``: a ``fcn_jax.preprocess.TransformerConfig`` whose ``input_shape`` is the
+    net input. Without ``resume``, an ``out_dir`` that already holds results is refused.
+    ``on_batch(n_batches_done, summary)`` is called after each batch is safely written.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out):
+        return _run(module, params, images, out, transformer, cfg, resume=resume,
+                    progress=progress, memory_budget=memory_budget, on_batch=on_batch)
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """One run per output folder at a time (an advisory lock, released if the process dies)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    with open(out / ".lock", "a+b") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FileExistsError(f"{out}: another fcn-jax predict is writing there") from None
+        yield
+
+
+def _run(module, params, images: Sequence[str], out: Path, transformer, cfg: PredictConfig,
+         *, resume: bool, progress: bool, memory_budget: int | None,
+         on_batch: Callable[[int, PredictSummary], None] | None) -> PredictSummary:
+    from tqdm import tqdm
+
+    journal_path = out / JOURNAL
+    settings = _settings(module, transformer, cfg)
+    if journal_path.exists() and journal_path.stat().st_size and not resume:
+        raise FileExistsError(f"{journal_path} exists: pass --resume to continue that run, "
+                              "or choose another --out")
+    if resume and (out / "run.json").exists():
+        _check_same_settings(out / "run.json", settings)
+    atomic_write_bytes(out / "run.json", (json.dumps(settings, indent=2) + "\n").encode())
+
+    done = finished_images(out, cfg.dense) if resume else set()
+    todo = [p for p in images if os.path.normpath(p) not in done]
+    summary = PredictSummary(total=len(images), done_before=len(images) - len(todo))
+    if resume:
+        _, good = read_journal(out)
+        if journal_path.exists() and journal_path.stat().st_size != good:
+            with open(journal_path, "r+b") as f:  # drop a torn last line
+                f.truncate(good)
+    if not todo:
+        _write_summary(out, summary)
+        return summary
+
+    c, h, w = transformer.input_shape
+    batch_shape = (cfg.batch_size, c, h, w)
+    shapes = check_activation_budget(module, params, batch_shape, memory_budget=memory_budget)
+    blob = cfg.blob or _last_blob(module, shapes)
+    if blob not in shapes:
+        raise CaffeFormatError(f"the net has no blob {blob!r} (it has {list(shapes)})",
+                               field="blob")
+    _check_blob_shape(blob, shapes[blob], cfg)
+    forward = _forward(module, params, (blob,))
+
+    maps_dir = out / "maps"
+    if cfg.dense:
+        maps_dir.mkdir(exist_ok=True)
+    shard_no = _next_shard(maps_dir) if cfg.dense else 0
+    bar = tqdm(total=len(todo), unit="img", disable=not progress, dynamic_ncols=True)
+    start = time.perf_counter()
+    batches = 0
+    try:
+        with open(journal_path, "ab") as journal:
+            for batch in _loaded_batches(todo, transformer, cfg):
+                records = _run_batch(batch, forward, blob, cfg, batch_shape, maps_dir,
+                                     shard_no, summary, bar)
+                shard_no += cfg.dense
+                _append(journal, records)
+                summary.processed += len(batch)
+                batches += 1
+                if batches == 1:
+                    summary.first_batch_seconds = time.perf_counter() - start
+                    summary.first_batch_images = len(batch)
+                summary.seconds = time.perf_counter() - start
+                bar.update(len(batch))
+                if summary.failed:
+                    bar.set_postfix(failed=len(summary.failed), refresh=False)
+                if on_batch is not None:
+                    on_batch(batches, summary)
+    finally:
+        bar.close()
+        summary.seconds = time.perf_counter() - start
+        _write_summary(out, summary)
+    return summary
+
+
+def _run_batch(batch, forward, blob: str, cfg: PredictConfig, batch_shape, maps_dir: Path,
+               shard_no: int, summary: PredictSummary, bar) -> list[dict]:
+    x = np.zeros(batch_shape, np.float32)  # padded to a full batch: one compiled shape
+    ok = [i for i, (_, arr, _) in enumerate(batch) if arr is not None]
+    for j, i in enumerate(ok):
+        x[j] = batch[i][1]
+    y = forward(x)[blob] if ok else None
+    records: list[dict] = []
+    arrays: dict[str, np.ndarray] = {}
+    shard = f"maps/{shard_no:06d}.npz"
+    row = {i: j for j, i in enumerate(ok)}
+    for i, (path, _, error) in enumerate(batch):
+        if error is not None:
+            summary.failed.append(path)
+            bar.write(f"warning: skipping {path}: {error}", file=sys.stderr)
+            records.append({"image": path, "error": error})
+            continue
+        out = y[row[i]]
+        finite = bool(np.all(np.isfinite(out)))
+        if not finite:
+            summary.nonfinite += 1
+            bar.write(f"warning: non-finite values in {blob!r} for {path}", file=sys.stderr)
+        rec: dict[str, Any] = {"image": path}
+        if cfg.dense:
+            key = f"i{i}"
+            amax, score = class_map(out)
+            arrays[f"{key}_argmax"] = amax
+            arrays[f"{key}_score"] = score
+            if cfg.save_blob:
+                arrays[f"{key}_blob"] = out.astype(np.float32)
+            rec.update(shard=shard, key=key, shape=list(amax.shape),
+                       top_k=top_k(out.reshape(out.shape[0], -1).mean(axis=1), cfg.top_k,
+                                   cfg.labels))
+        else:
+            rec["top_k"] = top_k(out, cfg.top_k, cfg.labels)
+        rec["nonfinite"] = not finite
+        records.append(rec)
+    if arrays:
+        _save_npz_atomic(maps_dir / f"{shard_no:06d}.npz", arrays)
+    return records
+
+
+def _last_blob(module, shapes: Mapping[str, Any]) -> str:
+    """The net's last blob in execution order (traced dicts come back key-sorted)."""
+    from fcn_jax.net import blob_names
+
+    try:
+        names = [n for n in blob_names(module) if n in shapes]
+    except (AttributeError, TypeError):  # not a CaffeGraph
+        names = []
+    return names[-1] if names else list(shapes)[-1]
+
+
+def _check_blob_shape(blob: str, shape: tuple[int, ...], cfg: PredictConfig) -> None:
+    if cfg.dense:
+        if len(shape) != 4:
+            raise CaffeFormatError(f"--dense needs an (N, C, H, W) blob; {blob!r} is {shape}",
+                                   field="blob")
+    elif len(shape) != 2 and not (len(shape) == 4 and shape[2:] == (1, 1)):
+        raise CaffeFormatError(f"top-k needs an (N, C) blob; {blob!r} is {shape} (a dense "
+                               "map? use --dense)", field="blob")
+
+
+def _next_shard(maps_dir: Path) -> int:
+    numbers = [int(p.stem) for p in maps_dir.glob("*.npz") if p.stem.isdigit()]
+    return max(numbers, default=-1) + 1
+
+
+def _settings(module, transformer, cfg: PredictConfig) -> dict[str, Any]:
+    return {"dense": cfg.dense, "blob": cfg.blob, "top_k": cfg.top_k,
+            "input_shape": list(transformer.input_shape), "net": getattr(module, "name_", None)}
+
+
+def _check_same_settings(path: Path, settings: dict[str, Any]) -> None:
+    try:
+        before = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    changed = [k for k in ("dense", "blob", "top_k", "input_shape")
+               if k in before and before[k] != settings[k]]
+    if changed:
+        raise CaffeFormatError(
+            "--resume with different settings than the first run: "
+            + ", ".join(f"{k} {before[k]!r} -> {settings[k]!r}" for k in changed),
+            path=path)
+
+
+def _write_summary(out: Path, summary: PredictSummary) -> None:
+    atomic_write_bytes(out / "summary.json",
+                       (json.dumps(summary.as_dict(), indent=2) + "\n").encode())
+
+
+__all__ = ["IMAGE_EXTENSIONS", "PredictConfig", "PredictSummary", "check_activation_budget",
+           "class_map", "finished_images", "list_images", "load_and_preprocess",
+           "read_journal", "run_predict", "top_k"]

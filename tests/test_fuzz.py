@@ -1,0 +1,317 @@
+"""Property-based fuzzing of every reader over mutated real reference files (hypothesis).
+
+The property: a reader either returns a well-formed result or raises its documented error
+(``CaffeFormatError``; ``ValueError`` for ``fcn_jax.preprocess.load_mean``), with a one-line
+message. Bounded to about a minute in all; ``experiments/fuzz_long.py`` runs far longer.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+from conftest import DATA
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import converters
+from converters import CaffeFormatError
+from converters.npy import load_npy, load_npz
+from converters.proto import caffe_pb2
+from fcn_jax.checkpoint import parse_checkpoint, save_checkpoint
+
+CAFFEMODELS = sorted((DATA / "layers").glob("*.caffemodel")) + sorted(
+    (DATA / "zoo").glob("*.caffemodel"))
+NETS = [p.with_suffix(".prototxt") for p in CAFFEMODELS]
+MINI = [DATA / "caffenet_mini" / "caffenet_mini.caffemodel",
+        DATA / "caffenet_mini" / "caffenet_mini_v1.caffemodel"]
+PROTOTXTS = NETS + [DATA / "caffenet_mini" / "caffenet_mini_deploy_v1.prototxt",
+                    DATA / "source" / "train_val.prototxt", DATA / "source" / "deploy.prototxt"]
+_BYTES = {p: p.read_bytes() for p in CAFFEMODELS + MINI + PROTOTXTS}
+
+
+def fuzz_settings(n: int):
+    return settings(max_examples=n, deadline=None, database=None, print_blob=True,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+# ----------------------------------------------------------------------------- mutations
+
+_SPECIAL = st.sampled_from([0x00, 0x01, 0x07, 0x08, 0x0A, 0x12, 0x7F, 0x80, 0xFF])
+_op = st.one_of(
+    st.tuples(st.just("truncate"), st.floats(0, 1)),
+    st.tuples(st.just("flip"), st.floats(0, 1), st.integers(0, 7)),
+    st.tuples(st.just("set"), st.floats(0, 1), st.one_of(_SPECIAL, st.integers(0, 255))),
+    st.tuples(st.just("insert"), st.floats(0, 1), st.binary(min_size=1, max_size=12)),
+    st.tuples(st.just("delete"), st.floats(0, 1), st.integers(1, 48)),
+    st.tuples(st.just("splice"), st.floats(0, 1), st.floats(0, 1), st.integers(1, 48)),
+)
+mutations = st.lists(_op, min_size=1, max_size=4)
+
+
+def mutate(raw: bytes, ops) -> bytes:
+    """Apply byte-level mutations (positions are fractions of the current length)."""
+    b = bytearray(raw)
+    for op in ops:
+        at = min(int(op[1] * len(b)), max(len(b) - 1, 0))
+        if op[0] == "truncate":
+            del b[at:]
+        elif not b:
+            continue
+        elif op[0] == "flip":
+            b[at] ^= 1 << op[2]
+        elif op[0] == "set":
+            b[at] = op[2]
+        elif op[0] == "insert":
+            b[at:at] = op[2]
+        elif op[0] == "delete":
+            del b[at:at + op[2]]
+        else:  # splice: copy a chunk from elsewhere in the file over this spot
+            src = int(op[2] * len(b))
+            b[at:at + op[3]] = b[src:src + op[3]]
+    return bytes(b)
+
+
+_NUMBER = re.compile(rb"-?\d+(\.\d+)?(e-?\d+)?")
+_EXTREME = [b"0", b"-1", b"-2147483649", b"4294967295", b"4294967296", b"99999999999999999999",
+            b"1e40", b"nan", b"inf", b"3000000000", b"65536", b"1"]
+_text_op = st.one_of(
+    st.tuples(st.just("number"), st.floats(0, 1), st.sampled_from(_EXTREME)),
+    st.tuples(st.just("line"), st.floats(0, 1), st.sampled_from(["delete", "duplicate"])),
+    st.tuples(st.just("token"), st.floats(0, 1),
+              st.sampled_from([b"{", b"}", b"layer {", b'"', b":", b"bottom: \"data\"",
+                               b"top: \"x\"", b'name: "conv1"', b"\xff", b"#", b"\x00"])),
+)
+
+
+def mutate_text(raw: bytes, ops) -> bytes:
+    """Prototxt-aware mutations: extreme numbers, dropped/duplicated lines, stray tokens."""
+    for kind, where, what in ops:
+        if kind == "number":
+            nums = list(_NUMBER.finditer(raw))
+            if nums:
+                m = nums[int(where * len(nums)) % len(nums)]
+                raw = raw[:m.start()] + what + raw[m.end():]
+        elif kind == "line":
+            lines = raw.split(b"\n")
+            i = int(where * len(lines)) % len(lines)
+            lines[i:i + 1] = [] if what == "delete" else [lines[i], lines[i]]
+            raw = b"\n".join(lines)
+        else:
+            at = int(where * len(raw))
+            raw = raw[:at] + what + raw[at:]
+    return raw
+
+
+def one_line(e: BaseException) -> None:
+    assert "\n" not in str(e) and len(str(e)) <= 800, str(e)
+
+
+# ----------------------------------------------------------------------------- caffemodels
+
+
+def _check_params(params) -> None:
+    for blobs in params.values():
+        for arr in blobs.values():
+            assert arr.dtype == np.float32 and arr.size == math.prod(arr.shape) > 0
+
+
+@fuzz_settings(2000)
+@given(st.sampled_from(CAFFEMODELS + MINI), mutations)
+def test_fuzz_caffemodel_reader(path, ops):
+    raw = mutate(_BYTES[path], ops)
+    try:
+        params = converters.net_params(converters.parse_caffemodel(raw, "f.caffemodel"),
+                                       path="f.caffemodel")
+    except CaffeFormatError as e:
+        one_line(e)
+        assert str(e).startswith("f.caffemodel: ")
+        return
+    _check_params(params)
+
+
+@fuzz_settings(1500)
+@given(st.sampled_from(CAFFEMODELS + MINI), mutations)
+def test_fuzz_wire_scanner(path, ops):
+    """The zero-copy scanner: ``None`` (use the full parser), a refusal, or arrays equal to
+    what protobuf itself reads from the same bytes."""
+    from converters.wire import blob_array, scan_caffemodel
+
+    raw = mutate(_BYTES[path], ops)
+    try:
+        scanned = scan_caffemodel(raw)
+    except CaffeFormatError as e:
+        one_line(e)
+        return
+    if scanned is None:
+        return
+    _, refs = scanned
+    for layer_refs in refs:
+        for ref in layer_refs:
+            try:
+                arr = blob_array(raw, ref, memory_budget=2**30)
+            except CaffeFormatError as e:
+                one_line(e)
+                continue
+            assert arr.dtype == np.float32 and arr.size == math.prod(ref.dims)
+
+
+@fuzz_settings(800)
+@given(st.sampled_from(range(len(CAFFEMODELS))), st.booleans(), mutations, st.lists(
+    _text_op, min_size=1, max_size=3))
+def test_fuzz_load_caffe_end_to_end(index, mutate_model, ops, text_ops):
+    """prototxt + caffemodel -> (module, params): a refusal, or params of the net's shapes."""
+    proto, model = _BYTES[NETS[index]], _BYTES[CAFFEMODELS[index]]
+    if mutate_model:
+        model = mutate(model, ops)
+    else:
+        proto = mutate_text(proto, text_ops)
+    with tempfile.TemporaryDirectory() as d:
+        pp, mp = Path(d) / "n.prototxt", Path(d) / "m.caffemodel"
+        pp.write_bytes(proto)
+        mp.write_bytes(model)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                module, params = converters.load_caffe(pp, mp)
+        except CaffeFormatError as e:
+            one_line(e)
+            return
+    for blobs in params.values():
+        for arr in blobs.values():
+            assert np.asarray(arr).dtype == np.float32
+
+
+# ----------------------------------------------------------------------------- prototxt
+
+
+@fuzz_settings(1500)
+@given(st.sampled_from(PROTOTXTS), st.lists(_text_op, min_size=1, max_size=4), mutations,
+       st.booleans())
+def test_fuzz_prototxt_reader(path, text_ops, ops, bytewise):
+    raw = mutate(_BYTES[path], ops) if bytewise else mutate_text(_BYTES[path], text_ops)
+    with tempfile.TemporaryDirectory() as d:
+        f = Path(d) / "n.prototxt"
+        f.write_bytes(raw)
+        try:
+            net = converters.read_prototxt(f)
+        except CaffeFormatError as e:
+            one_line(e)
+            return
+    assert len(net.layer) > 0
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+_TREE = {"conv1": {"weight": np.linspace(-1, 1, 60, dtype=np.float32).reshape(3, 4, 5),
+                   "bias": np.arange(3, dtype=np.float32)},
+         "opt": ({"mu": np.zeros(3, np.float64)}, np.int32(7)), "steps": [1, 2.5, "x", None]}
+
+
+def _checkpoint_bytes() -> bytes:
+    with tempfile.TemporaryDirectory() as d:
+        save_checkpoint(Path(d) / "c", _TREE, {"prototxt": "name: 'net'", "lr": 0.01})
+        return (Path(d) / "c").read_bytes()
+
+
+def _legacy_bytes() -> bytes:
+    from flax import serialization
+
+    return serialization.msgpack_serialize({"format": "fcn-jax/1", "meta": {"a": [1, 2]},
+                                            "tree": {"w": np.ones((4, 4), np.float32),
+                                                     "s": np.float32(2.0)}})
+
+
+_CKPT = _checkpoint_bytes()
+_LEGACY = _legacy_bytes()
+
+
+@fuzz_settings(800)
+@given(mutations)
+def test_fuzz_checkpoint_reader(ops):
+    """The checksum makes every real change an error; a no-op mutation reads back equal."""
+    raw = mutate(_CKPT, ops)
+    try:
+        tree, meta = parse_checkpoint(raw, "c.ckpt")
+    except CaffeFormatError as e:
+        one_line(e)
+        return
+    assert raw == _CKPT
+    np.testing.assert_array_equal(tree["conv1"]["weight"], _TREE["conv1"]["weight"])
+
+
+@fuzz_settings(800)
+@given(mutations)
+def test_fuzz_legacy_checkpoint_reader(ops):
+    """The older, unchecksummed format: errors or a well-typed tree, nothing else."""
+    raw = mutate(_LEGACY, ops)
+    try:
+        tree, meta = parse_checkpoint(raw, "c.ckpt")
+    except CaffeFormatError as e:
+        one_line(e)
+        return
+    assert isinstance(tree, dict) and isinstance(meta, dict)
+
+
+# ----------------------------------------------------------------------------- means, arrays
+
+
+def _binaryproto() -> bytes:
+    mean = np.load(DATA / "source" / "ilsvrc_2012_mean_bgr.npy", allow_pickle=False)
+    blob = caffe_pb2.BlobProto(num=1, channels=3, height=2, width=2)
+    blob.data.extend(np.repeat(mean.astype(np.float32), 4))
+    return blob.SerializeToString()
+
+
+_BINARYPROTO = _binaryproto()
+
+
+@fuzz_settings(1000)
+@given(mutations)
+def test_fuzz_binaryproto_mean(ops):
+    from fcn_jax.preprocess import load_mean
+
+    raw = mutate(_BINARYPROTO, ops)
+    if raw.startswith(b"\x93NUMPY"):
+        return  # the .npy branch has known gaps (see test_hostile)
+    with tempfile.TemporaryDirectory() as d:
+        f = Path(d) / "mean.binaryproto"
+        f.write_bytes(raw)
+        try:
+            mean = load_mean(f)
+        except ValueError as e:
+            one_line(e)
+            return
+    assert mean.dtype == np.float64 and mean.size > 0
+
+
+def _npy_and_npz() -> tuple[bytes, bytes]:
+    arr = np.load(DATA / "source" / "ilsvrc_2012_mean_bgr.npy", allow_pickle=False)
+    a, z = io.BytesIO(), io.BytesIO()
+    np.save(a, arr.reshape(3, 1, 1))
+    np.savez_compressed(z, mean=arr, grid=np.arange(12, dtype=np.int16).reshape(3, 4))
+    return a.getvalue(), z.getvalue()
+
+
+_NPY, _NPZ = _npy_and_npz()
+
+
+@fuzz_settings(800)
+@given(st.booleans(), mutations)
+def test_fuzz_npy_and_npz(is_npz, ops):
+    raw = mutate(_NPZ if is_npz else _NPY, ops)
+    with tempfile.TemporaryDirectory() as d:
+        f = Path(d) / "a"
+        f.write_bytes(raw)
+        try:
+            out = load_npz(f) if is_npz else {"a": load_npy(f)}
+        except CaffeFormatError as e:
+            one_line(e)
+            return
+    for arr in out.values():
+        assert arr.dtype.kind in "biufc"
