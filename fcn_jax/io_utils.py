@@ -11,16 +11,16 @@ remain; the destination is still intact).
 
 from __future__ import annotations
 
-import contextlib
+import io
 import json
 import os
-import stat
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+
+from converters._io import atomic_write as _atomic_write
 
 __all__ = [
     "atomic_write",
@@ -34,86 +34,26 @@ __all__ = [
 PathLike = str | os.PathLike
 
 
-def _default_file_mode() -> int:
-    """Permission bits a plain ``open(path, 'w')`` would create (0o666 & ~umask)."""
-    umask = None
-    with contextlib.suppress(OSError, ValueError):
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    umask = int(line.split()[1], 8)
-                    break
-    if umask is None:  # not Linux: the set-and-restore dance (not thread-safe, rare)
-        umask = os.umask(0o022)
-        os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Best-effort fsync of a directory so the rename itself is durable."""
-    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
-    try:
-        fd = os.open(folder, flags)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_write(path: PathLike, write_fn: Callable[[IO[Any]], Any], mode: str = "wb") -> Path:
     """Atomically write ``path`` by calling ``write_fn(fileobj)`` on a temp file.
 
-    ``mode`` is ``"wb"`` (binary) or ``"w"`` (text, UTF-8).  The temp file lives
-    in the destination folder, so the final :func:`os.replace` never crosses a
-    file system.  The new file keeps the permission bits of the file it replaces
-    (or the umask default for a new file).  On any exception (``BaseException``
-    included) the temp file is removed, the old file is left intact, and the
-    exception propagates.  If ``path`` is a symlink, the link itself is replaced
-    by a regular file.  Returns the destination path.
+    ``mode`` is ``"wb"`` (binary) or ``"w"`` (text, UTF-8). The mechanism (temp file in the
+    same folder, fsync, rename, old permissions kept, temp removed on any exception) is
+    ``converters._io.atomic_write``. Returns the destination path.
     """
     if mode not in ("wb", "w"):
         raise ValueError(f"mode must be 'wb' or 'w', got {mode!r}")
-    dest = Path(os.fspath(path))
-    folder = dest.parent if str(dest.parent) else Path(".")
-    try:
-        perm = stat.S_IMODE(os.stat(dest).st_mode)
-    except FileNotFoundError:
-        perm = _default_file_mode()
+    if mode == "w":
+        def binary(f: IO[bytes]) -> None:
+            text = io.TextIOWrapper(f, encoding="utf-8")
+            write_fn(text)
+            text.flush()
+            text.detach()
 
-    text_kw: dict[str, Any] = {"encoding": "utf-8"} if mode == "w" else {}
-    tmp = tempfile.NamedTemporaryFile(  # noqa: SIM115 -- closed explicitly below
-        mode=mode, dir=folder, delete=False, prefix="." + dest.name + ".", suffix=".tmp", **text_kw
-    )
-    tmp_name = tmp.name
-    try:
-        try:
-            write_fn(tmp)
-            closed_by_writer = tmp.closed
-            if not closed_by_writer:
-                tmp.flush()
-                os.fsync(tmp.fileno())
-        finally:
-            tmp.close()
-        if closed_by_writer:
-            # write_fn closed the file itself; still make sure the bytes are on disk.
-            fd = os.open(tmp_name, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        with contextlib.suppress(OSError):
-            os.chmod(tmp_name, perm)
-        os.replace(tmp_name, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
-    _fsync_dir(folder)
-    return dest
+        _atomic_write(path, binary)
+    else:
+        _atomic_write(path, write_fn)
+    return Path(os.fspath(path))
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
