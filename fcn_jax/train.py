@@ -1,0 +1,611 @@
+"""Sliding-window fine-tuning of a fully convolutional net (the net surgery tutorial's
+"exercise for the reader"), as pure functions around a jit-compiled ``train_step``.
+
+- Ground truth: every output cell (i, j) looks at an input window (227 px at stride 32 for
+  CaffeNet, derived from the net by :func:`window_geometry`); :func:`sliding_window_labels`
+  labels it from boxes ``(x0, y0, x1, y1, label)``: the object's label when the window covers
+  it well enough, background when it hardly overlaps any object, ``ignore`` in between.
+- Loss: per-cell softmax cross-entropy with ignore label and class weights
+  (:func:`fcn_jax.losses.sliding_window_loss`), returned with its loss map.
+- Training: ``train_step(state, batch) -> (state, metrics)`` and ``eval_step``, both pure and
+  jitted; optax SGD with momentum or Adam following Caffe's solver (learning-rate policies,
+  per-parameter ``lr_mult``/``decay_mult`` from the prototxt ``param`` fields, L2 weight decay
+  added to the gradient); layers frozen by a path predicate; Dropout active via an rng folded
+  with the step.
+- Checkpoints (msgpack, no pickle) that resume bit for bit; export to a caffemodel.
+
+Batches are ``{"image": (N, C, H, W) float32, "label": (N, h, w) int32}``; ``(h, w)`` is the
+size of the score map for that input (:func:`output_hw`).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import math
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import serialization, struct
+
+import converters
+from converters import CaffeFormatError
+
+from . import losses
+from .caffenet import CaffeNet, caffenet_prototxt, fc_names
+from .checkpoint import load_checkpoint, save_checkpoint
+from .net import CaffeGraph, LayerSpec, compile_net, param_names
+
+Array = jax.Array
+PathLike = str | os.PathLike
+Params = dict[str, dict[str, Any]]
+
+__all__ = [
+    "LabelConfig", "LossConfig", "SolverConfig", "TrainState", "WindowGeometry", "batch_labels",
+    "caffe_multipliers", "confusion_matrix", "create_train_state", "dense_metrics",
+    "eval_step", "evaluate", "export_caffemodel", "fit", "frozen_paths", "learning_rate",
+    "make_optimizer", "model_net", "output_hw", "restore_train_state", "save_train_state",
+    "score_blob", "sliding_window_labels", "train_step", "window_geometry", "window_overlap",
+]
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowGeometry:
+    """Input window of output cell (i, j): rows ``[offset_h + i * stride_h, ... + size_h)``,
+    columns likewise (CaffeNet: size 227, stride 32, offset 0)."""
+
+    size: tuple[int, int]
+    stride: tuple[int, int]
+    offset: tuple[int, int] = (0, 0)
+
+    def windows(self, out_hw: tuple[int, int]) -> np.ndarray:
+        """``(h, w, 4)`` float64 windows ``[x0, y0, x1, y1]`` (x1, y1 exclusive)."""
+        h, w = out_hw
+        y0 = self.offset[0] + self.stride[0] * np.arange(h, dtype=np.float64)
+        x0 = self.offset[1] + self.stride[1] * np.arange(w, dtype=np.float64)
+        yy, xx = np.meshgrid(y0, x0, indexing="ij")
+        return np.stack([xx, yy, xx + self.size[1], yy + self.size[0]], axis=-1)
+
+
+def _specs_of(model: Any) -> tuple[LayerSpec, ...]:
+    if isinstance(model, CaffeGraph):
+        return model.layers
+    if isinstance(model, CaffeNet):
+        if not model.fully_conv:
+            raise ValueError("a classifier CaffeNet has no dense map: use fully_conv=True")
+        text = caffenet_prototxt(fully_conv=True, widths=model.widths,
+                                 num_classes=model.num_classes)
+        return compile_net(converters.parse_prototxt(text))
+    if isinstance(model, (tuple, list)) and all(isinstance(s, LayerSpec) for s in model):
+        return tuple(model)
+    raise TypeError(f"cannot derive the layers of {type(model).__name__}")
+
+
+def score_blob(model: Any) -> str:
+    """The blob holding class scores (pre-softmax): ``fc8-conv`` for a fully convolutional
+    CaffeNet; for a Caffe graph the bottom of its last Softmax, else its last top."""
+    if isinstance(model, CaffeNet):
+        return fc_names(model.fully_conv)[2]
+    specs = _specs_of(model)
+    for s in reversed(specs):
+        if s.type == "Softmax":
+            return s.bottoms[0]
+    for s in reversed(specs):
+        if s.tops and s.type not in ("Silence", "SoftmaxWithLoss", "Accuracy"):
+            return s.tops[0]
+    raise ValueError("the net has no layers")
+
+
+def window_geometry(model: Any, blob: str | None = None) -> WindowGeometry:
+    """The input window of each cell of ``blob`` (default :func:`score_blob`), from the net:
+    stride = product of strides; size = the input size whose output is one cell, i.e.
+    ``1 + sum_l (dilation_l (k_l - 1) - 2 pad_l) * stride_before_l`` (227 for CaffeNet)."""
+    specs = _specs_of(model)
+    blob = blob or score_blob(model)
+    geo: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {}  # blob -> (jump, size)
+    for s in specs:
+        if not s.bottoms:
+            for t in s.tops:
+                geo[t] = ((1, 1), (1, 1))
+            continue
+        src = next((geo[b] for b in s.bottoms if b in geo), None)
+        if src is None:
+            continue
+        jump, size = src
+        c = s.cfg
+        if s.type in ("Convolution", "Pooling"):
+            if c.get("global_pooling"):
+                raise ValueError(f"layer {s.name!r}: global pooling has no sliding window")
+            dil = c.get("dilation", (1, 1))
+            eff = [d * (k - 1) + 1 for d, k in zip(dil, c["kernel"], strict=True)]
+            size = tuple(v + (e - 1 - 2 * p) * j for v, e, p, j in
+                         zip(size, eff, c["pad"], jump, strict=True))
+            jump = tuple(j * st for j, st in zip(jump, c["stride"], strict=True))
+            if min(size) < 1:
+                raise ValueError(f"layer {s.name!r}: padding exceeds the kernel; pass an "
+                                 f"explicit WindowGeometry")
+        elif s.type in ("Deconvolution", "InnerProduct", "Crop", "Flatten", "Reshape"):
+            for t in s.tops:
+                geo.pop(t, None)
+            continue
+        for t in s.tops:
+            geo[t] = (jump, size)
+    if blob not in geo:
+        raise ValueError(f"blob {blob!r} has no sliding-window geometry (not produced by "
+                         f"convolution/pooling layers only); pass an explicit WindowGeometry")
+    jump, size = geo[blob]
+    return WindowGeometry(size=tuple(int(v) for v in size), stride=tuple(int(j) for j in jump))
+
+
+def output_hw(model: nn.Module, params: Params, input_hw: tuple[int, int],
+              blob: str | None = None, channels: int = 3) -> tuple[int, int]:
+    """Spatial size of the score map for an input of ``input_hw`` (shape-only trace)."""
+    blob = blob or score_blob(model)
+    x = jax.ShapeDtypeStruct((1, channels, *input_hw), jnp.float32)
+    out = jax.eval_shape(lambda p, x: model.apply({"params": p}, x)[blob], params, x)
+    return int(out.shape[-2]), int(out.shape[-1])
+
+
+# ----------------------------------------------------------------------------- ground truth
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelConfig:
+    """Cell labelling thresholds on the overlap ``|window & box| / min(|window|, |box|)``
+    (the part of the object inside the window, or of the window filled by a larger object).
+
+    A cell takes the label of its best-overlapping box with overlap >= ``positive`` whose
+    area fills at least ``min_fill`` of the window; it is background (0) when every overlap
+    is <= ``negative``, else ``ignore_label``.
+    """
+
+    positive: float = 0.7
+    negative: float = 0.3
+    min_fill: float = 0.0
+    ignore_label: int = 255
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.negative <= self.positive <= 1.0:
+            raise ValueError("thresholds need 0 <= negative <= positive <= 1")
+
+
+def window_overlap(boxes: np.ndarray, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(overlap, fill)`` of every box ``[x0, y0, x1, y1, ...]`` with every window, each
+    ``(n_boxes, *windows.shape[:-1])``: ``overlap = |w & b| / min(|w|, |b|)``, ``fill =
+    |w & b| / |w|``."""
+    b = np.asarray(boxes, np.float64)
+    b = b.reshape(-1, b.shape[-1] if b.ndim else 4)[:, :4]
+    w = np.asarray(windows, np.float64)
+    bs = b[(slice(None),) + (None,) * (w.ndim - 1)]
+    iw = np.clip(np.minimum(w[..., 2], bs[..., 2]) - np.maximum(w[..., 0], bs[..., 0]), 0, None)
+    ih = np.clip(np.minimum(w[..., 3], bs[..., 3]) - np.maximum(w[..., 1], bs[..., 1]), 0, None)
+    inter = iw * ih
+    area_w = (w[..., 2] - w[..., 0]) * (w[..., 3] - w[..., 1])
+    area_b = (bs[..., 2] - bs[..., 0]) * (bs[..., 3] - bs[..., 1])
+    overlap = inter / np.maximum(np.minimum(area_w, area_b), 1e-12)
+    return overlap, inter / np.maximum(area_w, 1e-12)
+
+
+def sliding_window_labels(boxes: np.ndarray, out_hw: tuple[int, int],
+                          geometry: WindowGeometry, cfg: LabelConfig = LabelConfig()
+                          ) -> np.ndarray:
+    """``(h, w)`` int32 labels of the output cells for ``boxes`` ``(n, 5)`` in input pixels
+    (see :class:`LabelConfig`); ties go to the first box."""
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 5)
+    if len(boxes) == 0:
+        return np.zeros(out_hw, np.int32)
+    overlap, fill = window_overlap(boxes[:, :4], geometry.windows(out_hw))
+    eligible = (overlap >= cfg.positive) & (fill >= cfg.min_fill)
+    best = np.argmax(np.where(eligible, overlap, -1.0), axis=0)
+    labels = boxes[:, 4].astype(np.int32)[best]
+    out = np.where(overlap.max(axis=0) <= cfg.negative, 0, cfg.ignore_label).astype(np.int32)
+    return np.where(eligible.any(axis=0), labels, out).astype(np.int32)
+
+
+def batch_labels(boxes: Sequence[np.ndarray], out_hw: tuple[int, int],
+                 geometry: WindowGeometry, cfg: LabelConfig = LabelConfig()) -> np.ndarray:
+    """``(N, h, w)`` labels for a batch's boxes."""
+    return np.stack([sliding_window_labels(b, out_hw, geometry, cfg) for b in boxes])
+
+
+# ----------------------------------------------------------------------------- solver
+
+
+@dataclasses.dataclass(frozen=True)
+class SolverConfig:
+    """Caffe's ``SolverParameter`` subset: ``type`` SGD (momentum) or Adam (``momentum``,
+    ``momentum2``, ``delta`` are beta1, beta2, eps); ``lr_policy`` fixed, step
+    (``base_lr * gamma^floor(it / stepsize)``), exp, inv, poly
+    (``base_lr * (1 - it / max_iter)^power``); ``weight_decay`` is L2 added to the gradient
+    (times each parameter's ``decay_mult``); ``clip_gradients`` > 0 clips the global norm."""
+
+    type: str = "SGD"
+    base_lr: float = 0.01
+    momentum: float = 0.9
+    momentum2: float = 0.999
+    delta: float = 1e-8
+    weight_decay: float = 5e-4
+    lr_policy: str = "fixed"
+    gamma: float = 0.1
+    stepsize: int = 100_000
+    power: float = 1.0
+    max_iter: int = 0
+    clip_gradients: float = -1.0
+
+    def __post_init__(self) -> None:
+        if self.type not in ("SGD", "Adam"):
+            raise ValueError(f"solver type must be SGD or Adam, got {self.type!r}")
+        if self.lr_policy not in ("fixed", "step", "exp", "inv", "poly"):
+            raise ValueError(f"unknown lr_policy {self.lr_policy!r}")
+        if self.lr_policy == "poly" and self.max_iter <= 0:
+            raise ValueError("lr_policy poly needs max_iter > 0")
+
+
+def learning_rate(cfg: SolverConfig) -> Callable[[Array], Array]:
+    """The learning rate at iteration ``it`` under Caffe's ``lr_policy``."""
+    def schedule(it: Array) -> Array:
+        it = jnp.asarray(it, jnp.float32)
+        if cfg.lr_policy == "step":
+            return cfg.base_lr * cfg.gamma ** jnp.floor(it / cfg.stepsize)
+        if cfg.lr_policy == "exp":
+            return cfg.base_lr * cfg.gamma ** it
+        if cfg.lr_policy == "inv":
+            return cfg.base_lr * (1.0 + cfg.gamma * it) ** (-cfg.power)
+        if cfg.lr_policy == "poly":
+            return cfg.base_lr * jnp.maximum(1.0 - it / cfg.max_iter, 0.0) ** cfg.power
+        return jnp.asarray(cfg.base_lr, jnp.float32)
+    return schedule
+
+
+def _blob_index(spec: LayerSpec, blob: str, count: int) -> int:
+    names = param_names(spec.type, count)
+    return names.index(blob) if blob in names else -1
+
+
+def caffe_multipliers(params: Params, layers: Sequence[LayerSpec] | None = None, *,
+                      weight: tuple[float, float] = (1.0, 1.0),
+                      bias: tuple[float, float] = (1.0, 1.0)) -> tuple[Params, Params]:
+    """``(lr_mults, decay_mults)`` trees shaped like ``params`` (one float per blob).
+
+    From the ``param { lr_mult decay_mult }`` fields of ``layers`` where a layer has them
+    (Caffe's blob order; missing entries default to 1), else ``weight`` / ``bias`` defaults
+    (``bias=(2.0, 0.0)`` is the CaffeNet train_val convention).
+    """
+    by_name = {s.name: s for s in layers or ()}
+    lr: Params = {}
+    decay: Params = {}
+    for layer, blobs in params.items():
+        spec = by_name.get(layer)
+        lr[layer], decay[layer] = {}, {}
+        for blob in blobs:
+            default = bias if blob == "bias" else weight
+            m = default
+            if spec is not None and (spec.lr_mults or spec.decay_mults):
+                i = _blob_index(spec, blob, len(blobs))
+                m = (spec.lr_mults[i] if 0 <= i < len(spec.lr_mults) else 1.0,
+                     spec.decay_mults[i] if 0 <= i < len(spec.decay_mults) else 1.0)
+            lr[layer][blob], decay[layer][blob] = float(m[0]), float(m[1])
+    return lr, decay
+
+
+def frozen_paths(params: Params, predicate: Callable[[tuple[str, str]], bool] | None = None,
+                 lr_mults: Params | None = None) -> frozenset[tuple[str, str]]:
+    """The ``(layer, blob)`` paths to freeze: where ``predicate(path)`` holds or the
+    ``lr_mult`` is 0 (Caffe's way of freezing a layer)."""
+    out = set()
+    for layer, blobs in params.items():
+        for blob in blobs:
+            path = (layer, blob)
+            if (predicate is not None and predicate(path)) or (
+                    lr_mults is not None and lr_mults.get(layer, {}).get(blob, 1.0) == 0.0):
+                out.add(path)
+    return frozenset(out)
+
+
+def _tree_scale(updates: Any, factors: Params) -> Any:
+    """``updates * factors`` leafwise; leaves masked out by optax (MaskedNode) pass through."""
+    is_masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+    return jax.tree_util.tree_map(
+        lambda u, f: u if is_masked(u) else u * jnp.asarray(f, u.dtype), updates, factors,
+        is_leaf=is_masked)
+
+
+def _caffe_weight_decay(weight_decay: float, decay_mults: Params
+                        ) -> optax.GradientTransformation:
+    """Caffe's L2 regularisation: ``g + weight_decay * decay_mult * w``."""
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("weight decay needs params")
+        is_masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+        out = jax.tree_util.tree_map(
+            lambda g, w, m: g if is_masked(g) or m == 0.0 else
+            g + jnp.asarray(weight_decay * m, g.dtype) * w, updates, params, decay_mults,
+            is_leaf=is_masked)
+        return out, state
+    return optax.GradientTransformation(lambda p: optax.EmptyState(), update)
+
+
+def _scale_by_tree(factors: Params) -> optax.GradientTransformation:
+    return optax.GradientTransformation(
+        lambda p: optax.EmptyState(), lambda u, s, p=None: (_tree_scale(u, factors), s))
+
+
+def make_optimizer(cfg: SolverConfig, params: Params, *, lr_mults: Params | None = None,
+                   decay_mults: Params | None = None,
+                   frozen: frozenset[tuple[str, str]] = frozenset()
+                   ) -> optax.GradientTransformation:
+    """An optax transformation doing Caffe's update: clip, ``+ weight_decay * decay_mult * w``,
+    then SGD (``v = momentum * v + lr * lr_mult * g; w -= v``) or Adam (step scaled by
+    ``lr * lr_mult``). ``frozen`` paths get no update and no optimizer state."""
+    lr_mults = lr_mults or jax.tree_util.tree_map(lambda _: 1.0, params)
+    decay_mults = decay_mults or jax.tree_util.tree_map(lambda _: 1.0, params)
+    schedule = learning_rate(cfg)
+    parts = []
+    if cfg.clip_gradients > 0:
+        parts.append(optax.clip_by_global_norm(cfg.clip_gradients))
+    if cfg.weight_decay:
+        parts.append(_caffe_weight_decay(cfg.weight_decay, decay_mults))
+    if cfg.type == "SGD":
+        parts += [optax.scale_by_schedule(lambda it: -schedule(it)), _scale_by_tree(lr_mults)]
+        if cfg.momentum:
+            parts.append(optax.trace(decay=cfg.momentum))
+    else:
+        parts += [optax.scale_by_adam(b1=cfg.momentum, b2=cfg.momentum2, eps=cfg.delta),
+                  optax.scale_by_schedule(lambda it: -schedule(it)), _scale_by_tree(lr_mults)]
+    tx = optax.chain(*parts)
+    if not frozen:
+        return tx
+    labels = {layer: {blob: "frozen" if (layer, blob) in frozen else "train" for blob in blobs}
+              for layer, blobs in params.items()}
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+# ----------------------------------------------------------------------------- state & steps
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Loss settings: Caffe ``SoftmaxWithLoss`` normalisation, ignore label, class weights."""
+
+    ignore_label: int = 255
+    class_weights: tuple[float, ...] | None = None
+    normalization: str = "VALID"
+
+
+class TrainState(struct.PyTreeNode):
+    """Everything a step needs. ``step``, ``params``, ``opt_state``, ``rng`` are arrays
+    (checkpointed); ``module``, ``tx``, ``score``, ``loss``, ``frozen`` are static."""
+
+    step: Array
+    params: Any
+    opt_state: Any
+    rng: Array
+    module: nn.Module = struct.field(pytree_node=False)
+    tx: optax.GradientTransformation = struct.field(pytree_node=False)
+    score: str = struct.field(pytree_node=False, default="fc8-conv")
+    loss: LossConfig = struct.field(pytree_node=False, default=LossConfig())
+    frozen: frozenset = struct.field(pytree_node=False, default=frozenset())
+
+
+def create_train_state(module: nn.Module, params: Params, tx: optax.GradientTransformation,
+                       *, seed: int | Array = 0, score: str | None = None,
+                       loss: LossConfig = LossConfig(),
+                       frozen: frozenset[tuple[str, str]] = frozenset()) -> TrainState:
+    """A fresh ``TrainState`` (step 0) for ``module`` (``CaffeNet`` or ``CaffeGraph``) and
+    ``params`` (copied to device float arrays)."""
+    params = jax.tree_util.tree_map(jnp.asarray, params)
+    rng = jax.random.PRNGKey(seed) if isinstance(seed, int) else jnp.asarray(seed)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=rng, module=module, tx=tx, score=score or score_blob(module),
+                      loss=loss, frozen=frozenset(frozen))
+
+
+def _stop_frozen(params: Params, frozen: frozenset) -> Params:
+    if not frozen:
+        return params
+    return {layer: {blob: jax.lax.stop_gradient(v) if (layer, blob) in frozen else v
+                    for blob, v in blobs.items()} for layer, blobs in params.items()}
+
+
+def _loss(state: TrainState, params: Params, batch: Mapping[str, Array], *, train: bool,
+          key: Array | None) -> tuple[Array, tuple[Array, Array]]:
+    rngs = {"dropout": key} if train and key is not None else None
+    out = state.module.apply({"params": params}, batch["image"], train=train, rngs=rngs)
+    logits = out[state.score]
+    cw = state.loss.class_weights
+    loss, loss_map = losses.sliding_window_loss(
+        logits, batch["label"], ignore_label=state.loss.ignore_label,
+        class_weights=None if cw is None else jnp.asarray(cw),
+        normalization=state.loss.normalization)
+    return loss, (loss_map, logits)
+
+
+def _train_step(state: TrainState, batch: Mapping[str, Array]) -> tuple[TrainState, dict]:
+    key = jax.random.fold_in(state.rng, state.step)
+
+    def loss_fn(params):
+        return _loss(state, _stop_frozen(params, state.frozen), batch, train=True, key=key)
+
+    (loss, (loss_map, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    acc = losses.accuracy(logits, batch["label"], ignore_label=state.loss.ignore_label)
+    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new, {"loss": loss, "loss_map": loss_map, "accuracy": acc}
+
+
+@functools.partial(jax.jit, static_argnames=("module", "score", "loss"))
+def _eval_core(params: Params, batch: Mapping[str, Array], *, module: nn.Module, score: str,
+               loss: LossConfig) -> dict:
+    view = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=None,
+                      rng=jnp.zeros((2,), jnp.uint32), module=module, tx=None, score=score,
+                      loss=loss)
+    value, (loss_map, logits) = _loss(view, params, batch, train=False, key=None)
+    return {"loss": value, "loss_map": loss_map, "prob": jax.nn.softmax(logits, axis=1),
+            "pred": jnp.argmax(logits, axis=1).astype(jnp.int32)}
+
+
+#: ``train_step(state, batch) -> (state, {"loss", "loss_map", "accuracy"})``, jitted. Dropout
+#: uses ``fold_in(state.rng, state.step)``, so a step depends on nothing but its arguments.
+train_step = jax.jit(_train_step)
+
+
+def eval_step(state: TrainState, batch: Mapping[str, Array]) -> dict:
+    """``{"loss", "loss_map", "prob", "pred"}`` with Dropout off; jitted on the model alone
+    (not the optimizer), so any state of the same model reuses the compiled function."""
+    return _eval_core(state.params, batch, module=state.module, score=state.score,
+                      loss=state.loss)
+
+
+# ----------------------------------------------------------------------------- loop & metrics
+
+
+def fit(state: TrainState, batch_fn: Callable[[int], Mapping[str, Any]], steps: int, *,
+        progress: bool = True, on_step: Callable[[int, TrainState, dict], None] | None = None,
+        desc: str = "finetune") -> tuple[TrainState, list[float]]:
+    """Run ``steps`` training steps from ``state.step``; ``batch_fn(step)`` makes the batch
+    of that step (prepared one step ahead in a thread). Returns the state and the losses."""
+    from tqdm.auto import tqdm
+
+    start = int(state.step)
+    history: list[float] = []
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(batch_fn, start) if steps > 0 else None
+        bar = tqdm(range(start, start + steps), desc=desc, disable=not progress, unit="step")
+        for step in bar:
+            batch = pending.result()
+            if step + 1 < start + steps:
+                pending = pool.submit(batch_fn, step + 1)
+            state, metrics = train_step(state, batch)
+            loss = float(metrics["loss"])
+            history.append(loss)
+            if not math.isfinite(loss):
+                bar.close()
+                raise FloatingPointError(f"loss is {loss} at step {step}; lower the learning "
+                                         f"rate")
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if on_step is not None:
+                on_step(step, state, metrics)
+    return state, history
+
+
+def confusion_matrix(pred: Any, label: Any, num_classes: int, ignore_label: int = 255
+                     ) -> np.ndarray:
+    """``(K, K)`` int64 counts, rows = truth, columns = prediction, ignored cells skipped."""
+    p = np.asarray(pred).ravel().astype(np.int64)
+    t = np.asarray(label).ravel().astype(np.int64)
+    keep = (t != ignore_label) & (t >= 0) & (t < num_classes)
+    return np.bincount(t[keep] * num_classes + p[keep],
+                       minlength=num_classes ** 2).reshape(num_classes, num_classes)
+
+
+def dense_metrics(conf: np.ndarray, class_names: Sequence[str] | None = None
+                  ) -> dict[str, Any]:
+    """Per-cell accuracy, per-class IoU ``TP / (TP + FP + FN)`` and their mean over the
+    classes present in truth or prediction (FCN's mean IU)."""
+    conf = np.asarray(conf, np.float64)
+    total = conf.sum()
+    tp = np.diag(conf)
+    denom = conf.sum(0) + conf.sum(1) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(denom > 0, tp / denom, np.nan)
+    names = list(class_names) if class_names else [str(i) for i in range(len(conf))]
+    return {"cell_accuracy": float(tp.sum() / total) if total else float("nan"),
+            "mean_iou": float(np.nanmean(iou)) if np.any(denom > 0) else float("nan"),
+            "iou": {n: (None if np.isnan(v) else float(v)) for n, v in zip(names, iou,
+                                                                          strict=True)},
+            "cells": int(total)}
+
+
+def evaluate(state: TrainState, batches: Iterable[Mapping[str, Any]], num_classes: int, *,
+             class_names: Sequence[str] | None = None) -> dict[str, Any]:
+    """Dense-map metrics over ``batches`` (:func:`dense_metrics`) plus ``loss``, the mean
+    per-cell loss over the non-ignored cells (rows of ignored cells may pad a batch)."""
+    conf = np.zeros((num_classes, num_classes), np.int64)
+    loss_sum, valid = 0.0, 0
+    ignore = state.loss.ignore_label
+    for batch in batches:
+        out = eval_step(state, batch)
+        conf += confusion_matrix(out["pred"], batch["label"], num_classes, ignore)
+        loss_sum += float(jnp.sum(out["loss_map"]))
+        valid += int(np.sum(np.asarray(batch["label"]) != ignore))
+    result = dense_metrics(conf, class_names)
+    result["loss"] = loss_sum / max(valid, 1)
+    return result
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_train_state(path: PathLike, state: TrainState, meta: dict | None = None) -> None:
+    """Save step, params, optimizer state and rng (msgpack, atomic) for an exact resume."""
+    tree = {"step": np.asarray(state.step), "params": state.params,
+            "opt_state": serialization.to_state_dict(state.opt_state),
+            "rng": np.asarray(state.rng)}
+    save_checkpoint(path, jax.tree_util.tree_map(np.asarray, tree), meta)
+
+
+def _restore_like(template: Any, saved: Any, path: PathLike, where: str) -> Any:
+    """``saved`` shaped as ``template``; every array checked for shape and dtype."""
+    def check(t, s, keypath):
+        name = where + jax.tree_util.keystr(keypath)
+        s = np.asarray(s)
+        if s.shape != np.shape(t) or s.dtype != np.asarray(t).dtype:
+            raise CaffeFormatError(f"{s.dtype}{list(s.shape)} does not match the model's "
+                                   f"{np.asarray(t).dtype}{list(np.shape(t))}", path=path,
+                                   field=name)
+        return jnp.asarray(s)
+    try:
+        restored = serialization.from_state_dict(template, saved)
+    except (KeyError, ValueError, TypeError) as e:
+        raise CaffeFormatError(f"does not match the model ({e})", path=path,
+                               field=where) from None
+    return jax.tree_util.tree_map_with_path(lambda kp, t, s: check(t, s, kp), template,
+                                            restored)
+
+
+def restore_train_state(path: PathLike, template: TrainState) -> tuple[TrainState, dict]:
+    """Load a :func:`save_train_state` checkpoint into ``template`` (same model and
+    optimizer); returns ``(state, meta)``. Mismatches raise ``CaffeFormatError``."""
+    tree, meta = load_checkpoint(path)
+    missing = [k for k in ("step", "params", "opt_state", "rng") if k not in tree]
+    if missing:
+        raise CaffeFormatError(f"not a training checkpoint (missing {missing})", path=path)
+    params = tree["params"]
+    want, have = set(template.params), set(params) if isinstance(params, dict) else set()
+    if want != have:
+        raise CaffeFormatError(f"layers differ: missing {sorted(want - have)}, unexpected "
+                               f"{sorted(have - want)}", path=path, field="params")
+    new = template.replace(
+        step=_restore_like(template.step, tree["step"], path, "step"),
+        params=_restore_like(template.params, params, path, "params"),
+        opt_state=_restore_like(template.opt_state, tree["opt_state"], path, "opt_state"),
+        rng=_restore_like(template.rng, tree["rng"], path, "rng"))
+    return new, meta
+
+
+def model_net(module: nn.Module, input_shape: Sequence[int] = (1, 3, 227, 227)) -> Any:
+    """The NetParameter of a ``CaffeNet`` configuration (its deploy prototxt)."""
+    if not isinstance(module, CaffeNet):
+        raise TypeError("model_net needs a CaffeNet; for a Caffe graph use its prototxt")
+    return converters.parse_prototxt(caffenet_prototxt(
+        fully_conv=module.fully_conv, widths=tuple(module.widths),
+        num_classes=module.num_classes, input_shape=tuple(input_shape)))
+
+
+def export_caffemodel(path: PathLike, params: Params, net: Any) -> None:
+    """Write ``params`` as a caffemodel for ``net`` (NetParameter or prototxt path), which
+    real Caffe loads with that prototxt."""
+    host = {layer: {k: np.asarray(v, np.float32) for k, v in blobs.items()}
+            for layer, blobs in params.items()}
+    converters.save_caffemodel(path, host, net)
