@@ -188,9 +188,15 @@ def _layer_shapes(lp, shapes: list[Shape]) -> list[Shape]:
         end = len(x) if p.num_axes == -1 else start + p.num_axes
         dims = [int(d) for d in p.shape.dim]
         out = [x[start + i] if d == 0 else d for i, d in enumerate(dims)]
+        if out.count(-1) > 1 or any(d < -1 for d in out):
+            raise CaffeFormatError("at most one dim may be -1, none below it", layer=name,
+                                   field="reshape_param.shape")
+        known = math.prod(d for d in out if d != -1) * math.prod(x[:start]) * math.prod(
+            x[end:])
+        if known == 0 or math.prod(x) % known or (-1 not in out and known != math.prod(x)):
+            raise CaffeFormatError(f"cannot reshape {x} to {dims}", layer=name,
+                                   field="reshape_param.shape")
         if -1 in out:
-            known = math.prod(d for d in out if d != -1) * math.prod(x[:start]) * math.prod(
-                x[end:])
             out[out.index(-1)] = math.prod(x) // known
         return [tuple(x[:start]) + tuple(out) + tuple(x[end:])]
     if t == "Crop":

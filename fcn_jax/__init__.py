@@ -3,8 +3,10 @@ CaffeNet and sliding-window fine-tuning."""
 
 from __future__ import annotations
 
+from converters import load_caffe
+
 from .caffenet import CAFFENET_WIDTHS, CaffeNet, caffenet_prototxt
-from .net import CaffeGraph, load_caffe
+from .net import CaffeGraph
 
 __version__ = "0.1.0"
 

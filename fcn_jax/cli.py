@@ -28,13 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fcn-jax", description="Caffe models in JAX: load, run, net surgery, fine-tune.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(name).register(sub)
     return parser
 
 

@@ -146,7 +146,8 @@ def receptive_field(net: Any, blob: str | None = None, input_shape: Any = None
             for t in lp.top:
                 geo[t] = ((0, 1, 1), (0, 1, 1))
             continue
-        bottoms = [geo[b] for b in lp.bottom if b in geo]
+        used = lp.bottom[:1] if lp.type == "Crop" else lp.bottom  # bottom[1]: shape only
+        bottoms = [geo[b] for b in used if b in geo]
         if not bottoms:
             continue
         g = _union(bottoms, lp.name) if len(bottoms) > 1 else bottoms[0]

@@ -366,6 +366,9 @@ def fold_batchnorm(params: Params, net: Any) -> tuple[dict, Any]:
     folds = fcn_net.batchnorm_folds(net)
     new_net = fcn_net.fold_batchnorm_net(net, folds)
     gone = {f.batchnorm for f in folds} | {f.scale for f in folds if f.scale}
+    missing = sorted(n for n in gone | {f.layer for f in folds} if n not in params)
+    if missing:
+        raise CaffeFormatError(f"params have no layers {missing}", field="params")
     out = {k: dict(v) for k, v in params.items() if k not in gone}
     for f in folds:
         w = np.asarray(_leaf(params, f.layer, "weight"), np.float64)

@@ -72,7 +72,7 @@ def weight_report(params: dict, absurd: float = 1e4) -> list[str]:
 def cmd_info(args: argparse.Namespace) -> int:
     import jax
 
-    from fcn_jax.net import blob_names, build_module, example_inputs
+    from fcn_jax.net import blob_names, build_module, example_inputs, expected_param_shapes
 
     net = converters.read_net(args.file)
     is_model = any(layer.blobs for layer in net.layer)
@@ -92,10 +92,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         width = max(len(k) for k in order)
         for name in order:
             print(f"  {name:<{width}}  {_fmt(traced[name].shape)}")
-        expected = {}
-        from fcn_jax.net import expected_param_shapes
         expected = expected_param_shapes(module, shape)
     except (ValueError, TypeError) as e:
+        if shape is not None:
+            raise CaffeFormatError(f"the net cannot run on this input: {e}", path=args.file,
+                                   field="input_shape") from None
         print(f"\nblobs: unknown ({e})")
         expected = None
     print("\nparams:")
@@ -131,6 +132,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from converters.npy import load_npy, load_npz
     from fcn_jax.io_utils import atomic_save_npz
+    from fcn_jax.net import blob_names
 
     with open(args.input, "rb") as f:
         is_zip = f.read(4) == b"PK\x03\x04"
@@ -140,12 +142,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         x = load_npy(args.input).astype(np.float32)
     shape = ({k: v.shape for k, v in x.items()} if isinstance(x, dict) else x.shape)
     module, params = converters.load_caffe(args.prototxt, args.caffemodel, input_shape=shape)
-    if not isinstance(x, dict):
-        from fcn_jax.predict import check_activation_budget
-
-        check_activation_budget(module, params, x.shape)
     outputs = tuple(args.outputs) if args.outputs else None
-    blobs = jax.jit(lambda p, x: module.apply({"params": p}, x, outputs=outputs))(params, x)
+    unknown = sorted(set(outputs or ()) - set(blob_names(module)) - set(module.inputs))
+    if unknown:
+        raise CaffeFormatError(f"unknown blobs {unknown}", path=args.prototxt, field="outputs")
+    try:
+        if not isinstance(x, dict):
+            from fcn_jax.predict import check_activation_budget
+
+            check_activation_budget(module, params, x.shape)
+        blobs = jax.jit(lambda p, x: module.apply({"params": p}, x, outputs=outputs))(params, x)
+    except (ValueError, TypeError) as e:
+        raise CaffeFormatError(f"input of shape {shape} does not fit the net: {e}",
+                               path=args.input) from None
     blobs = {k: np.asarray(v) for k, v in blobs.items()}
     nonfinite = [k for k, v in blobs.items() if not np.all(np.isfinite(v))]
     atomic_save_npz(args.blobs, blobs)
@@ -162,7 +171,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from fcn_jax.checkpoint import save_checkpoint
 
     net = converters.read_prototxt(args.prototxt)
-    _, params = converters.load_caffe(net, args.caffemodel)
+    _, params = converters.load_caffe(args.prototxt, args.caffemodel)
     save_checkpoint(args.output, params, {"prototxt": converters.format_prototxt(net),
                                           "source": os.path.basename(args.caffemodel)})
     print(f"wrote {args.output}: {len(params)} layers")
