@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from . import fast as F
 from . import layers as L
 from .net import fill
 
@@ -46,7 +47,8 @@ class CaffeNet(nn.Module):
     (N, 1000, H', W') fully convolutional).
 
     ``widths`` sets conv1..5, fc6, fc7 output counts (narrow variants for tests);
-    ``train=True`` applies Dropout (rngs={"dropout": key}).
+    ``train=True`` applies Dropout (rngs={"dropout": key}); ``outputs`` limits the returned
+    blobs (all by default). Runs the NHWC fast path of ``fcn_jax.fast``.
     """
 
     fully_conv: bool = False
@@ -69,43 +71,58 @@ class CaffeNet(nn.Module):
         return p
 
     @nn.compact
-    def __call__(self, x: Array, *, train: bool = False) -> dict[str, Array]:
+    def __call__(self, x: Array, *, train: bool = False,
+                 outputs: Sequence[str] | None = None) -> dict[str, Array]:
         x = jnp.asarray(x, jnp.float32)
-        blobs = {"data": x}
+        blobs = {"data": x}  # NHWC internally (fcn_jax.fast); NCHW at the boundary
         cin = x.shape[1]
-        h = x
+        h = F.to_nhwc(x)
         for i, (k, s, pad, g) in enumerate(CONV_SPECS):
             name = f"conv{i + 1}"
             p = self._param(name, {"weight": (self.widths[i], cin // g, k, k),
                                    "bias": (self.widths[i],)})
-            h = L.relu(L.convolution(h, p["weight"], p["bias"], stride=(s, s), pad=(pad, pad),
-                                     group=g))
+            h = F.relu(F.conv_nhwc(h, p["weight"], p["bias"], stride=s, pad=pad, group=g))
             blobs[name] = h
             cin = self.widths[i]
             if i in (0, 1, 4):
-                h = L.pooling(h, method="MAX", kernel=(3, 3), stride=(2, 2))
+                h = F.pool_nhwc(h, method="MAX", kernel=(3, 3), stride=(2, 2))
                 blobs[f"pool{i + 1}"] = h
             if i in (0, 1):
-                h = L.lrn(h, **LRN)
+                h = F.lrn_nhwc(h, **LRN)
                 blobs[f"norm{i + 1}"] = h
         names = fc_names(self.fully_conv)
         outs = (self.widths[5], self.widths[6], self.num_classes)
         for j, (name, n) in enumerate(zip(names, outs, strict=True)):
             if self.fully_conv:
                 k = 6 if j == 0 else 1
-                p = self._param(name, {"weight": (n, h.shape[1], k, k), "bias": (n,)})
-                h = L.convolution(h, p["weight"], p["bias"])
+                p = self._param(name, {"weight": (n, h.shape[3], k, k), "bias": (n,)})
+                h = F.conv_nhwc(h, p["weight"], p["bias"])
             else:
-                k = h.shape[1] * h.shape[2] * h.shape[3] if h.ndim == 4 else h.shape[1]
-                p = self._param(name, {"weight": (n, k), "bias": (n,)})
-                h = L.inner_product(h, p["weight"], p["bias"])
+                if h.ndim == 4:  # Caffe flattens pool5 in (C, H, W) order
+                    h = F.to_nchw(h).reshape(h.shape[0], -1)
+                p = self._param(name, {"weight": (n, h.shape[1]), "bias": (n,)})
+                h = F.inner_product_nhwc(h, p["weight"], p["bias"])
             if j < 2:
-                h = L.relu(h)
+                h = F.relu(h)
                 if train:
-                    h = L.dropout(h, 0.5, deterministic=False, rng=self.make_rng("dropout"))
+                    h = _dropout(h, self.make_rng("dropout"))
             blobs[name] = h
-        blobs["prob"] = L.softmax(h, axis=1)
-        return blobs
+        blobs["prob"] = L.softmax(h, axis=-1)
+        keep = list(blobs) if outputs is None else list(outputs)
+        missing = [b for b in keep if b not in blobs]
+        if missing:
+            raise ValueError(f"unknown blobs {missing}; CaffeNet has {list(blobs)}")
+        return {b: F.to_nchw(blobs[b]) if blobs[b].ndim == 4 and b != "data" else blobs[b]
+                for b in keep}
+
+
+def _dropout(h: Array, key: Array, ratio: float = 0.5) -> Array:
+    """Caffe Dropout with the mask ``layers.dropout`` draws for the NCHW blob."""
+    if h.ndim != 4:
+        return L.dropout(h, ratio, deterministic=False, rng=key)
+    n, hh, ww, c = h.shape
+    keep = F.to_nhwc(jax.random.bernoulli(key, 1.0 - ratio, (n, c, hh, ww)))
+    return jnp.where(keep, h * jnp.asarray(1.0 / (1.0 - ratio), h.dtype), jnp.zeros_like(h))
 
 
 def caffenet_prototxt(*, fully_conv: bool = False, widths: Sequence[int] = CAFFENET_WIDTHS,

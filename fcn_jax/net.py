@@ -13,18 +13,20 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 import converters
 from converters import CaffeFormatError, UnsupportedLayerError
 from converters.caffe_io import param_names
 
+from . import fast as F
 from . import layers as L
 from . import losses
 
@@ -507,6 +509,233 @@ def _apply_layer(spec: LayerSpec, xs: list[Array], p: Mapping[str, Array], *, tr
     raise UnsupportedLayerError(f"unsupported layer type {t!r}", layer=spec.name, field="type")
 
 
+class _Blob:
+    """One blob during execution: its NCHW array, its NHWC array, or both (converted on
+    demand and cached). Blobs that are not 4-D only ever have the NCHW (Caffe) form."""
+
+    __slots__ = ("_nchw", "_nhwc")
+
+    def __init__(self, nchw: Array | None = None, nhwc: Array | None = None):
+        self._nchw = nchw
+        self._nhwc = nhwc
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        if self._nchw is not None:
+            return tuple(self._nchw.shape)
+        n, h, w, c = self._nhwc.shape
+        return (n, c, h, w)
+
+    @property
+    def is_4d(self) -> bool:
+        return len(self.shape) == 4
+
+    def nchw(self) -> Array:
+        if self._nchw is None:
+            self._nchw = F.to_nchw(self._nhwc)
+        return self._nchw
+
+    def nhwc(self) -> Array:
+        if self._nhwc is None:
+            self._nhwc = F.to_nhwc(self._nchw)
+        return self._nhwc
+
+
+#: Layers whose output cell (i, j) depends on input cells (i, j) only (channel-wise or
+#: element-wise): they keep the valid size of their first bottom.
+_POINTWISE = frozenset({"ReLU", "Dropout", "Sigmoid", "TanH", "AbsVal", "BNLL", "Power", "ELU",
+                        "Exp", "Log", "Threshold", "PReLU", "Split", "Eltwise"})
+_ELEMENTWISE = {"Sigmoid": lambda x, c: L.sigmoid(x), "TanH": lambda x, c: L.tanh(x),
+                "AbsVal": lambda x, c: L.absval(x), "BNLL": lambda x, c: L.bnll(x),
+                "Power": lambda x, c: L.power(x, c["power"], c["scale"], c["shift"]),
+                "ELU": lambda x, c: L.elu(x, c["alpha"]),
+                "Exp": lambda x, c: L.exp(x, c["base"], c["scale"], c["shift"]),
+                "Log": lambda x, c: L.log(x, c["base"], c["scale"], c["shift"]),
+                "Threshold": lambda x, c: L.threshold(x, c["threshold"]),
+                "ReLU": lambda x, c: F.relu(x, c["negative_slope"])}
+
+
+def _channel_last(p: Array, dtype) -> Array:
+    return jnp.asarray(p, dtype).reshape(-1)
+
+
+def _apply_fast(spec: LayerSpec, bl: list[_Blob], p: Mapping[str, Any], *, train: bool,
+                rng: Callable[[], Array] | None, valid: list, precision: Any
+                ) -> tuple[list[_Blob], list] | None:
+    """Run one layer in the NHWC fast path: ``(tops, their valid sizes)``, or None when the
+    layer has no fast form here (the caller then runs ``_apply_layer`` on NCHW arrays)."""
+    t = spec.type
+    c = spec.cfg
+    if t == "InnerProduct" and c["axis"] == 1 and bl and len(bl[0].shape) >= 2:
+        if valid[0] is not None:
+            raise ValueError(f"{spec.name}: InnerProduct flattens the spatial axes, so it "
+                             "cannot run on inputs padded to a bucket shape")
+        x = bl[0].nchw()
+        y = F.inner_product_nhwc(x.reshape(x.shape[0], -1), p["weight"], p.get("bias"),
+                                 transpose=c["transpose"], precision=precision)
+        return [_Blob(nchw=y)], [None]
+    if not bl or not all(b.is_4d for b in bl):
+        return None
+    v0 = valid[0]
+    if t == "Convolution" and len(c["kernel"]) == 2:
+        x = bl[0].nhwc()
+        y = F.conv_nhwc(x, p["weight"], p.get("bias"), stride=c["stride"], pad=c["pad"],
+                        dilation=c["dilation"], group=c["group"], precision=precision,
+                        valid=v0)
+        vt = None if v0 is None else tuple(
+            F.conv_output_size(v, k, s, q, d) for v, k, s, q, d in zip(
+                v0, c["kernel"], c["stride"], c["pad"], c["dilation"], strict=True))
+        return [_Blob(nhwc=y)], [vt]
+    if t == "Deconvolution" and len(c["kernel"]) == 2:
+        y = F.deconv_nhwc(bl[0].nhwc(), p["weight"], p.get("bias"), stride=c["stride"],
+                          pad=c["pad"], dilation=c["dilation"], group=c["group"],
+                          precision=precision, valid=v0)
+        vt = None if v0 is None else tuple(
+            F.deconv_output_size(v, k, s, q, d) for v, k, s, q, d in zip(
+                v0, c["kernel"], c["stride"], c["pad"], c["dilation"], strict=True))
+        return [_Blob(nhwc=y)], [vt]
+    if t == "Pooling":
+        y = F.pool_nhwc(bl[0].nhwc(), method=c["method"], kernel=c["kernel"],
+                        stride=c["stride"], pad=c["pad"], ceil_mode=c["ceil_mode"],
+                        global_pooling=c["global_pooling"], valid=v0)
+        if v0 is None:
+            vt = None
+        elif c["global_pooling"]:
+            vt = (jnp.ones_like(v0[0]), jnp.ones_like(v0[1]))
+        else:
+            clip = any(q > 0 for q in c["pad"])
+            vt = tuple(F.pool_output_size(v, k, s, q, c["ceil_mode"], clip) for v, k, s, q in
+                       zip(v0, c["kernel"], c["stride"], c["pad"], strict=True))
+        return [_Blob(nhwc=y)], [vt]
+    if t == "LRN":
+        y = F.lrn_nhwc(bl[0].nhwc(), local_size=c["local_size"], alpha=c["alpha"],
+                       beta=c["beta"], k=c["k"], norm_region=c["norm_region"], valid=v0)
+        return [_Blob(nhwc=y)], [v0]
+    if t == "Softmax" and c["axis"] in (1, -3):
+        x = bl[0].nhwc()
+        if x.dtype in (jnp.bfloat16, jnp.float16):  # exponentials in float32
+            x = x.astype(jnp.float32)
+        return [_Blob(nhwc=L.softmax(x, axis=-1))], [v0]
+    if t == "Concat" and c["axis"] in (1, -3):
+        return [_Blob(nhwc=jnp.concatenate([b.nhwc() for b in bl], axis=-1))], [v0]
+    if t in _POINTWISE:
+        # element-wise: run in whichever layout the bottom already has
+        use_nhwc = bl[0]._nchw is None
+        get = (lambda b: b.nhwc()) if use_nhwc else (lambda b: b.nchw())
+        wrap = (lambda a: _Blob(nhwc=a)) if use_nhwc else (lambda a: _Blob(nchw=a))
+        x = get(bl[0])
+        if t == "Split":
+            return [bl[0]] * len(spec.tops), [v0] * len(spec.tops)
+        if t == "Eltwise":
+            y = L.eltwise([get(b) for b in bl], c["operation"], c["coeff"] or None)
+        elif t == "Dropout":
+            y = _dropout(x, c["ratio"], train, rng, spec.name, nhwc=use_nhwc)
+        elif t == "PReLU":
+            slope = jnp.asarray(p["slope"], x.dtype)
+            slope = (slope.reshape(()) if c["channel_shared"] else
+                     slope.reshape(-1) if use_nhwc else slope.reshape(-1, 1, 1))
+            y = jnp.maximum(x, 0) + slope * jnp.minimum(x, 0)
+        else:
+            y = _ELEMENTWISE[t](x, c)
+        return [wrap(y)], [v0]
+    if t in ("BatchNorm", "Scale", "Bias") and len(bl) == 1:
+        if t == "BatchNorm":
+            use_global = c["use_global_stats"] if c["use_global_stats"] is not None \
+                else not train
+            if not use_global:
+                if v0 is not None:
+                    raise ValueError(f"{spec.name}: BatchNorm with batch statistics cannot "
+                                     "run on inputs padded to a bucket shape")
+                return None
+            x = bl[0].nhwc()
+            factor = jnp.asarray(p["scale_factor"], x.dtype).reshape(-1)[0]
+            s = jnp.where(factor == 0, jnp.zeros_like(factor), 1 / factor)
+            mu = _channel_last(p["mean"], x.dtype) * s
+            var = _channel_last(p["variance"], x.dtype) * s
+            return [_Blob(nhwc=(x - mu) / jnp.sqrt(var + c["eps"]))], [v0]
+        pshape = tuple(jnp.shape(p["scale" if t == "Scale" else "bias"]))
+        if c["axis"] not in (1, -3) or len(pshape) != 1:
+            return None
+        x = bl[0].nhwc()
+        if t == "Scale":
+            y = x * _channel_last(p["scale"], x.dtype)
+            if "bias" in p:
+                y = y + _channel_last(p["bias"], x.dtype)
+        else:
+            y = x + _channel_last(p["bias"], x.dtype)
+        return [_Blob(nhwc=y)], [v0]
+    return None
+
+
+def _dropout(x: Array, ratio: float, train: bool, rng, name: str, *, nhwc: bool) -> Array:
+    """Caffe Dropout with the same random mask as ``layers.dropout`` on the NCHW blob."""
+    if not train or ratio == 0.0:
+        return x
+    if rng is None:
+        raise ValueError(f"{name}: Dropout in training needs rngs={{'dropout': key}}")
+    if not nhwc:
+        return L.dropout(x, ratio, deterministic=False, rng=rng())
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"dropout ratio must be in [0, 1), got {ratio}")
+    n, h, w, ch = x.shape
+    keep = F.to_nhwc(jax.random.bernoulli(rng(), 1.0 - ratio, (n, ch, h, w)))
+    return jnp.where(keep, x * jnp.asarray(1.0 / (1.0 - ratio), x.dtype), jnp.zeros_like(x))
+
+
+#: Layers that ``run_graph`` can run on bucket-padded inputs besides the fast-path ones.
+_VALID_FALLBACK = frozenset({"Silence", "ArgMax", "Crop"})
+
+
+def run_graph(layers: Sequence[LayerSpec], get_params: Callable[[LayerSpec, list], Mapping],
+              inputs: Mapping[str, Array], *, outputs: Sequence[str] | None = None,
+              train: bool = False, rng: Callable[[], Array] | None = None,
+              valid: Mapping[str, tuple[Array, Array]] | None = None,
+              precision: Any = lax.Precision.HIGHEST, fast: bool = True
+              ) -> tuple[dict[str, Array], dict[str, Any]]:
+    """Execute compiled layers: ``({blob: NCHW array}, {blob: valid size or None})``.
+
+    ``get_params(spec, bottom_shapes)`` returns the layer's params (Caffe shapes).
+    Internally 4-D blobs live in NHWC and use ``fcn_jax.fast``; only returned blobs are
+    converted to NCHW. ``valid``: per input, ``(h, w)`` int32 arrays of shape (N,) giving each
+    example's true size when the batch was zero-padded to a bucket shape; cells beyond it are
+    masked so that the cells inside are exactly those of the unpadded input. ``fast=False``
+    runs the NCHW reference layers of ``fcn_jax.layers`` only.
+    """
+    blobs = {n: _Blob(nchw=a) for n, a in inputs.items()}
+    valids: dict[str, Any] = {n: (None if valid is None else valid.get(n)) for n in inputs}
+    for spec in layers:
+        if spec.type in INPUT_TYPES:
+            continue
+        bl = [blobs[b] for b in spec.bottoms]
+        vs = [valids[b] for b in spec.bottoms]
+        p = get_params(spec, [b.shape for b in bl])
+        done = _apply_fast(spec, bl, p, train=train, rng=rng, valid=vs,
+                           precision=precision) if fast else None
+        if done is None:
+            if any(v is not None for v in vs) and (
+                    spec.type not in _VALID_FALLBACK
+                    or (spec.type == "ArgMax" and spec.cfg["axis"] not in (1, -3))):
+                raise ValueError(f"{spec.name}: a {spec.type} layer cannot run on inputs "
+                                 "padded to a bucket shape")
+            arrays = _apply_layer(spec, [b.nchw() for b in bl], p, train=train, rng=rng)
+            tops = [_Blob(nchw=a) for a in arrays]
+            if spec.type == "Crop" and len(vs) > 1 and vs[0] is not None:
+                axis = spec.cfg["axis"] % 4
+                tvalid = vs[1] if axis <= 2 else (vs[0][0], vs[1][1])
+            else:
+                tvalid = vs[0] if vs else None
+            done = tops, [tvalid] * len(tops)
+        tops, tvalids = done
+        for name, blob, v in zip(spec.tops, tops, tvalids, strict=True):
+            blobs[name] = blob
+            valids[name] = v
+    names = list(blobs) if outputs is None else list(outputs)
+    missing = [k for k in names if k not in blobs]
+    if missing:
+        raise ValueError(f"unknown blobs {missing}; the net has {list(blobs)}")
+    return {k: blobs[k].nchw() for k in names}, {k: valids.get(k) for k in names}
+
+
 class CaffeGraph(nn.Module):
     """A Caffe net as a Flax module. ``apply({"params": p}, x)`` returns ``{blob: array}``.
 
@@ -549,20 +778,18 @@ class CaffeGraph(nn.Module):
                                  f"dict {{name: array}}")
             blobs = {names[0]: jnp.asarray(x)}
         rng = (lambda: self.make_rng("dropout")) if train and self.has_rng("dropout") else None
-        for spec in self.layers:
-            if spec.type in INPUT_TYPES:
-                continue
-            xs = [blobs[b] for b in spec.bottoms]
-            shapes = param_shapes(spec, [tuple(a.shape) for a in xs])
-            p = {}
-            if shapes:
-                p = self.param(spec.name, _init_layer(spec.name, shapes))
-                _check_shapes(spec.name, p, shapes)
-            tops = _apply_layer(spec, xs, p, train=train, rng=rng)
-            blobs.update(zip(spec.tops, tops, strict=True))
-        if outputs is not None:
-            return {k: blobs[k] for k in outputs}
-        return blobs
+
+        def get_params(spec: LayerSpec, bottom_shapes: list) -> Mapping[str, Array]:
+            shapes = param_shapes(spec, bottom_shapes)
+            if not shapes:
+                return {}
+            p = self.param(spec.name, _init_layer(spec.name, shapes))
+            _check_shapes(spec.name, p, shapes)
+            return p
+
+        out, _ = run_graph(self.layers, get_params, blobs, outputs=outputs, train=train,
+                           rng=rng)
+        return out
 
 
 def _init_layer(layer: str, shapes: Mapping[str, tuple]) -> Callable:
@@ -691,4 +918,4 @@ def blob_names(module: CaffeGraph) -> list[str]:
 
 __all__ = ["CaffeGraph", "LayerSpec", "blob_names", "build_module", "compile_net",
            "expected_param_shapes", "fill", "init_params", "load_caffe", "param_names",
-           "param_shapes"]
+           "param_shapes", "run_graph"]

@@ -1,0 +1,1 @@
+"""Peer implementations measured against fcn-jax in the same run (benchmark-only)."""

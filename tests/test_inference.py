@@ -1,0 +1,201 @@
+"""fcn_jax.inference: compiled forward, shape buckets, batching, data-parallel sharding."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import DATA, caffe_close
+from test_net import _full_conv_params
+
+import converters
+from fcn_jax import CaffeNet
+from fcn_jax.inference import (
+    batch_bucket,
+    compile_forward,
+    module_layers,
+    spatial_bucket,
+    supports_buckets,
+)
+
+D = DATA / "caffenet_mini"
+MINI = dict(widths=(24, 64, 96, 96, 64, 256, 256))
+
+
+@pytest.fixture(scope="module")
+def mini_fcn():
+    params = _full_conv_params(converters.load_caffemodel(D / "caffenet_mini.caffemodel"))
+    module, _ = converters.load_caffe(D / "caffenet_mini_full_conv.prototxt", params)
+    return module, params
+
+
+@pytest.fixture(scope="module")
+def mini_cls():
+    return converters.load_caffe(D / "caffenet_mini_deploy.prototxt",
+                                 D / "caffenet_mini.caffemodel")
+
+
+def test_bucket_helpers():
+    assert spatial_bucket(451, 32) == 480 and spatial_bucket(480, 32) == 480
+    assert spatial_bucket(451, 1) == 451
+    assert [batch_bucket(n) for n in (1, 2, 3, 5, 9)] == [1, 2, 4, 8, 16]
+    assert batch_bucket(3, multiple=4) == 4 and batch_bucket(5, multiple=4) == 8
+    assert batch_bucket(9, max_batch=8) == 9 and batch_bucket(6, max_batch=8) == 8
+
+
+def test_bucketed_dense_map_matches_caffe(mini_fcn):
+    """451x451 padded to 480x480 and masked: every returned blob equals real Caffe's."""
+    module, params = mini_fcn
+    ref = np.load(D / "caffenet_mini_full_conv_blobs.npz")
+    names = ("pool2", "pool5", "fc6-conv", "fc8-conv", "prob")
+    fwd = compile_forward(module, params, outputs=names)
+    out = fwd(ref["data"])
+    assert fwd.compiled_shapes == [(1, 3, 480, 480)]
+    for name in names:
+        caffe_close(out[name], ref[name], name, rel=1e-4 if name == "prob" else 1e-5)
+
+
+def test_stream_of_sizes_compiles_per_bucket_and_stays_exact(mini_fcn):
+    """Many sizes, few compilations; each image's maps equal the unpadded forward."""
+    module, params = mini_fcn
+    rng = np.random.default_rng(0)
+    sizes = [(227, 227), (230, 250), (250, 230), (240, 255), (291, 259), (300, 290),
+             (262, 270)]
+    images = [rng.normal(size=(3, h, w)).astype(np.float32) * 30 for h, w in sizes]
+    fwd = compile_forward(module, params, outputs=("fc8-conv", "prob"), spatial_step=64)
+    got = list(fwd.stream(images, batch_size=2))
+    buckets = {fwd.bucket((1, 3, h, w))[2:] for h, w in sizes}
+    assert buckets == {(256, 256), (320, 320)}
+    assert fwd.compile_count <= 2 * len(buckets) < len(set(sizes))
+    direct = jax.jit(lambda x: module.apply({"params": params}, x, outputs=("fc8-conv",
+                                                                            "prob")))
+    for img, g in zip(images, got, strict=True):
+        want = direct(img[None])
+        for k in ("fc8-conv", "prob"):
+            w = np.asarray(want[k][0])
+            assert g[k].shape == w.shape
+            np.testing.assert_allclose(g[k], w, rtol=0, atol=1e-5 * np.abs(w).max(), err_msg=k)
+
+
+def test_classifier_uses_exact_shapes_and_pads_batches(mini_cls):
+    module, params = mini_cls
+    assert not supports_buckets(module.layers)  # fc6 flattens pool5
+    ref = np.load(D / "caffenet_mini_classifier_blobs.npz")
+    fwd = compile_forward(module, params, outputs=("fc8", "prob"))
+    out = fwd(ref["data"])
+    caffe_close(out["prob"], ref["prob"], "prob")
+    caffe_close(out["fc8"], ref["fc8"], "fc8")
+    one = list(fwd.stream([ref["data"][1]], batch_size=4))[0]
+    caffe_close(one["prob"], ref["prob"][1], "prob[1]")
+    with pytest.raises(ValueError, match="exact shapes"):
+        fwd._run_padded([ref["data"][0], ref["data"][0][:, :200]],
+                        np.array([[227, 227], [200, 227]]), (2, 3, 227, 227))
+
+
+def test_caffenet_module_through_the_engine(mini_fcn):
+    """A CaffeNet runs through its prototxt's layers with the same params tree."""
+    _, params = mini_fcn
+    net = CaffeNet(fully_conv=True, **MINI)
+    assert [s.name for s in module_layers(net) if s.type == "Convolution"][-1] == "fc8-conv"
+    x = np.load(D / "caffenet_mini_full_conv_blobs.npz")["data"]
+    want = jax.jit(net.apply)({"params": params}, x)
+    got = compile_forward(net, params, outputs=("prob", "conv1"))(x)
+    for k in got:
+        np.testing.assert_allclose(got[k], np.asarray(want[k]), rtol=0,
+                                   atol=1e-5 * float(np.abs(want[k]).max()), err_msg=k)
+
+
+def test_caffenet_outputs_selects_blobs(mini_fcn):
+    _, params = mini_fcn
+    net = CaffeNet(fully_conv=True, **MINI)
+    x = np.load(D / "caffenet_mini_full_conv_blobs.npz")["data"]
+    out = jax.jit(lambda p, x: net.apply({"params": p}, x, outputs=("pool5", "prob")))(params, x)
+    assert list(out) == ["pool5", "prob"] and out["pool5"].shape == (1, 64, 13, 13)
+    with pytest.raises(ValueError, match="unknown blobs"):
+        net.apply({"params": params}, x, outputs=("nope",))
+
+
+def test_wrong_params_name_the_layer(mini_fcn):
+    module, params = mini_fcn
+    bad = dict(params)
+    bad["conv3"] = {"weight": np.zeros((96, 32, 3, 3), np.float32),
+                    "bias": params["conv3"]["bias"]}
+    fwd = compile_forward(module, bad)
+    with pytest.raises(ValueError, match="conv3"):
+        fwd(np.zeros((1, 3, 227, 227), np.float32))
+
+
+def test_bfloat16_option_runs_close(mini_fcn):
+    module, params = mini_fcn
+    x = np.load(D / "caffenet_mini_full_conv_blobs.npz")["data"]
+    f32 = compile_forward(module, params, outputs=("prob",))(x)["prob"]
+    b16 = compile_forward(module, params, outputs=("prob",), dtype=jnp.bfloat16)(x)["prob"]
+    assert b16.dtype == np.float32
+    assert (b16.argmax(1) == f32.argmax(1)).mean() > 0.8
+
+
+SHARDED = textwrap.dedent("""
+    import json, sys
+    import numpy as np, jax
+    sys.path.insert(0, {tests!r})
+    from test_net import _full_conv_params
+    import converters
+    from fcn_jax.inference import compile_forward
+    d = {data!r}
+    params = _full_conv_params(converters.load_caffemodel(d + "/caffenet_mini.caffemodel"))
+    module, _ = converters.load_caffe(d + "/caffenet_mini_full_conv.prototxt", params)
+    x = np.random.default_rng(0).normal(size=(6, 3, 259, 291)).astype(np.float32) * 30
+    one = compile_forward(module, params, outputs=("prob", "pool5"))(x)
+    four = compile_forward(module, params, outputs=("prob", "pool5"), devices=4)
+    got = four(x)
+    arr = four._fn(four.params, *[jax.make_array_from_process_local_data(four._bat, a) for a in
+                   (np.zeros((8, 3, 288, 320), np.float32), np.full(8, 259, np.int32),
+                    np.full(8, 291, np.int32))])[0]["prob"]
+    print(json.dumps({{"devices": jax.device_count(),
+                      "shards": len(arr.sharding.device_set),
+                      "shapes": [list(got[k].shape) for k in ("prob", "pool5")],
+                      "max_diff": max(float(np.abs(got[k] - one[k]).max()) for k in one),
+                      "equal": all(bool(np.array_equal(got[k], one[k])) for k in one)}}))
+""")
+
+
+def test_data_parallel_on_four_host_devices_matches_one_device():
+    code = SHARDED.format(tests=str(Path(__file__).parent), data=str(D))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=600, cwd=Path(__file__).parents[1])
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["devices"] == 4 and res["shards"] == 4
+    assert res["shapes"] == [[6, 1000, 2, 3], [6, 64, 7, 8]]
+    assert res["equal"], res  # bit for bit
+
+
+def test_use_fast_cpu_flags_only_before_jax_starts():
+    code = textwrap.dedent("""
+        import os
+        os.environ["XLA_FLAGS"] = "--xla_cpu_use_xnnpack=true"
+        from fcn_jax.inference import FAST_CPU_XLA_FLAGS, use_fast_cpu_flags
+        first = use_fast_cpu_flags()
+        flags = os.environ["XLA_FLAGS"]
+        import jax.numpy as jnp
+        jnp.zeros(1).block_until_ready()
+        print(first, use_fast_cpu_flags(), flags)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=300, cwd=Path(__file__).parents[1])
+    assert r.returncode == 0, r.stderr[-2000:]
+    first, second, *flags = r.stdout.split()
+    assert (first, second) == ("True", "False")
+    # the user's own setting of a flag wins; the other flag is added
+    assert flags == ["--xla_cpu_use_xnnpack=true",
+                     "--xla_cpu_experimental_ynn_fusion_type=individual_dot"]
