@@ -384,8 +384,12 @@ def param_shapes(spec: LayerSpec, bottom_shapes: list[tuple[int, ...]]
         return {"mean": ((ch,), zero), "variance": ((ch,), zero), "scale_factor": ((1,), zero)}
     if t in ("Scale", "Bias"):
         if len(bottom_shapes) > 1:
-            return {"bias": ((bottom_shapes[0][c["axis"] % len(bottom_shapes[0])],),
-                             c.get("bias_filler"))} if t == "Scale" and c["bias_term"] else {}
+            # scale_layer.cpp: the bias spans the second bottom's axes of bottom[0]
+            if not (t == "Scale" and c["bias_term"]):
+                return {}
+            shp, n = bottom_shapes[0], len(bottom_shapes[1])
+            axis = 0 if n == 0 else c["axis"] % len(shp)
+            return {"bias": (tuple(shp[axis:axis + n]), c["bias_filler"])}
         shp = bottom_shapes[0]
         axis = c["axis"] % len(shp) if shp else 0
         end = len(shp) if c["num_axes"] == -1 else axis + c["num_axes"]

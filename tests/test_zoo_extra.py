@@ -284,13 +284,7 @@ def test_scale_second_bottom(axis, sshape):
     caffe_close(blobs["y"], ref_scale(x, s, None, axis), "scale 2 bottoms")
 
 
-_BIAS_SHAPE_BUG = pytest.mark.xfail(
-    strict=True, reason="fcn_jax/net.py param_shapes gives a two-bottom Scale's bias the shape "
-    "(bottom[0].shape[axis],) instead of bottom[0].shape[axis:axis + bottom[1].ndim]")
-
-
-@pytest.mark.parametrize("axis, sshape", [(1, (3,)), pytest.param(1, (3, 4), marks=_BIAS_SHAPE_BUG),
-                                          pytest.param(2, (4, 5), marks=_BIAS_SHAPE_BUG)])
+@pytest.mark.parametrize("axis, sshape", [(1, (3,)), (1, (3, 4)), (2, (4, 5))])
 def test_scale_second_bottom_with_bias(axis, sshape):
     """ScaleLayer::LayerSetUp: with two bottoms the bias blob spans bottom[1]->num_axes()
     axes from ``axis``: shape = bottom[0].shape[axis : axis + bottom[1].ndim]."""
