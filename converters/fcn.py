@@ -258,26 +258,36 @@ def blob_shapes(net, input_shape=None) -> dict[str, Shape]:
     return shapes
 
 
-def _ordered(net) -> list:
-    """The layers in a valid execution order (list order, deferring unready layers)."""
-    pending = list(net.layer)
-    producers = {t for lp in pending for t in lp.top}
+def topo_order(items, bottoms, tops, name, path=None) -> list:
+    """A stable topological order of layers (list order, deferring those whose bottoms are
+    not ready yet); ``bottoms``/``tops``/``name`` read an item. Undefined bottoms and cycles
+    raise ``CaffeFormatError`` naming the layer."""
+    pending = list(items)
+    producers = {t for it in pending for t in tops(it)}
     ready: set[str] = set()
     out = []
     while pending:
-        for i, lp in enumerate(pending):
-            if all(b in ready for b in lp.bottom):
-                out.append(lp)
-                ready.update(lp.top)
+        for i, it in enumerate(pending):
+            if all(b in ready for b in bottoms(it)):
+                out.append(it)
+                ready.update(tops(it))
                 del pending[i]
                 break
         else:
-            lp = pending[0]
-            bad = [b for b in lp.bottom if b not in ready]
-            what = "is produced by no layer" if any(b not in producers for b in bad) \
-                else "can never be computed (cycle)"
-            raise CaffeFormatError(f"bottom {bad} {what}", layer=lp.name, field="bottom")
+            it = pending[0]
+            missing = [b for b in bottoms(it) if b not in ready]
+            bad = [b for b in missing if b not in producers]
+            if bad:
+                raise CaffeFormatError(f"bottom blob {bad[0]!r} is produced by no layer",
+                                       path=path, layer=name(it), field="bottom")
+            raise CaffeFormatError(f"cycle: bottoms {missing} can never be computed",
+                                   path=path, layer=name(it), field="bottom")
     return out
+
+
+def _ordered(net) -> list:
+    """The layers of ``net`` in a valid execution order."""
+    return topo_order(net.layer, lambda lp: lp.bottom, lambda lp: lp.top, lambda lp: lp.name)
 
 
 # ----------------------------------------------------------------------------- FC -> conv

@@ -25,6 +25,7 @@ from jax import lax
 import converters
 from converters import CaffeFormatError, UnsupportedLayerError
 from converters.caffe_io import param_names
+from converters.fcn import INPUT_TYPES, topo_order
 
 from . import fast as F
 from . import layers as L
@@ -32,10 +33,7 @@ from . import losses
 
 Array = jax.Array
 PathLike = str | os.PathLike
-
-#: Layer types that feed data into a net: their tops are the module's inputs.
-INPUT_TYPES = frozenset({"Input", "Data", "ImageData", "HDF5Data", "MemoryData", "WindowData",
-                         "DummyData", "AnnotatedData", "Python"})
+# INPUT_TYPES (converters.fcn): layer types whose tops are the module's inputs.
 
 
 def _freeze(value: Any) -> Any:
@@ -293,28 +291,9 @@ def compile_net(net, *, phase: str = "TEST", path: PathLike = "<net>") -> tuple[
 
 
 def _order(specs: list[LayerSpec], path: PathLike) -> tuple[LayerSpec, ...]:
-    """A stable topological order: list order, deferring layers whose bottoms are not ready."""
-    available: set[str] = set()
-    pending = list(specs)
-    ordered: list[LayerSpec] = []
-    producers = {t for s in specs for t in s.tops}
-    while pending:
-        for i, spec in enumerate(pending):
-            if all(b in available for b in spec.bottoms):
-                ordered.append(spec)
-                available.update(spec.tops)
-                del pending[i]
-                break
-        else:
-            spec = pending[0]
-            missing = [b for b in spec.bottoms if b not in available]
-            if any(b not in producers for b in missing):
-                bad = next(b for b in missing if b not in producers)
-                raise CaffeFormatError(f"bottom blob {bad!r} is produced by no layer",
-                                       path=path, layer=spec.name, field="bottom")
-            raise CaffeFormatError(f"cycle: bottoms {missing} can never be computed",
-                                   path=path, layer=spec.name, field="bottom")
-    return tuple(ordered)
+    """A stable topological order (``converters.fcn.topo_order``)."""
+    return tuple(topo_order(specs, lambda s: s.bottoms, lambda s: s.tops, lambda s: s.name,
+                            path=path))
 
 
 # ----------------------------------------------------------------------------- fillers
