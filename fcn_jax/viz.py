@@ -230,7 +230,7 @@ def overlay(
     ax.imshow(im, cmap=im_cmap)
     art = ax.imshow(m, cmap=cmap, alpha=alpha, vmin=vmin, vmax=vmax, interpolation="nearest")
     if title:
-        ax.set_title(title)
+        ax.set_title(title, wrap=True, fontsize="medium")
     _off(ax)
     cbar = fig.colorbar(art, ax=ax, shrink=0.8)
     cbar.solids.set_alpha(1.0)  # an opaque scale even though the overlay is translucent
