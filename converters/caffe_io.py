@@ -541,6 +541,16 @@ def _squeeze_legacy_dims(layer_type: str, name: str, arr: np.ndarray,
     return arr
 
 
+def _check_weighted_name(layer, index: int, seen, path: PathLike) -> None:
+    """A layer holding weights needs a name, distinct from those already ``seen``."""
+    if not layer.name:
+        raise CaffeFormatError("a layer with weights has no name", path=path,
+                               layer=f"layer[{index}]", field="name")
+    if layer.name in seen:
+        raise CaffeFormatError("duplicate layer name", path=path, layer=layer.name,
+                               field="name")
+
+
 def net_params(net, *, path: PathLike = "<net>",
                memory_budget: int | None = None) -> Params:
     """The parameter blobs held in a NetParameter, as ``params[layer][name]`` numpy arrays.
@@ -554,12 +564,7 @@ def net_params(net, *, path: PathLike = "<net>",
     for i, layer in enumerate(net.layer):
         if not layer.blobs:
             continue
-        if not layer.name:
-            raise CaffeFormatError("a layer with weights has no name", path=path,
-                                   layer=f"layer[{i}]", field="name")
-        if layer.name in params:
-            raise CaffeFormatError("duplicate layer name", path=path, layer=layer.name,
-                                   field="name")
+        _check_weighted_name(layer, i, params, path)
         names = param_names(layer.type, len(layer.blobs))
         entry = {}
         for j, (name, blob) in enumerate(zip(names, layer.blobs, strict=True)):
@@ -596,12 +601,7 @@ def load_caffemodel(path: PathLike, *, memory_budget: int | None = None) -> Para
     for i, (layer, blob_refs) in enumerate(zip(layers, refs, strict=True)):
         if not blob_refs:
             continue
-        if not layer.name:
-            raise CaffeFormatError("a layer with weights has no name", path=path,
-                                   layer=f"layer[{i}]", field="name")
-        if layer.name in by_name:
-            raise CaffeFormatError("duplicate layer name", path=path, layer=layer.name,
-                                   field="name")
+        _check_weighted_name(layer, i, by_name, path)
         by_name[layer.name] = blob_refs
     if not layers:
         raise CaffeFormatError("no layers: not a caffemodel, or an empty one", path=path)
