@@ -3,9 +3,11 @@
 Full-size CaffeNet (random weights, He-normal) in both public forward paths of fcn-jax:
 
 * ``jax.jit(module.apply)`` of ``converters.load_caffe`` (``tests/data/source/deploy.prototxt``
-  and ``bvlc_caffenet_full_conv.prototxt``), every blob returned, as a user writes it;
-* ``jax.jit(fcn_jax.CaffeNet(...).apply)``;
-* ``fcn_jax.inference.compile_forward`` (weights laid out once, ``prob`` only, shape buckets);
+  and ``bvlc_caffenet_full_conv.prototxt``), every blob returned, as a user writes it, and
+  ``fcn_jax.jit(module.apply)`` (the same with ``fcn_jax.xla``'s per-function kernel choice);
+* the same two for ``fcn_jax.CaffeNet(...).apply``;
+* ``fcn_jax.inference.compile_forward`` (weights laid out once, ``prob`` only, shape buckets,
+  the kernel choice of ``fcn_jax.xla``);
 
 against a PyTorch CaffeNet with ceil-mode pooling and Caffe's LRN
 (``experiments/peers/torch_caffenet.py``), first checked equal (max |prob difference| <= 1e-4).
@@ -48,6 +50,7 @@ import jax.numpy as jnp  # noqa: E402
 
 import converters  # noqa: E402
 from fcn_jax import CaffeNet  # noqa: E402
+from fcn_jax import jit as fcn_jit  # noqa: E402
 from fcn_jax.inference import compile_forward  # noqa: E402
 from fcn_jax.io_utils import atomic_save_json  # noqa: E402
 from fcn_jax.net import run_graph  # noqa: E402
@@ -268,16 +271,17 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
 
     def jax_impls(graph, pj, params, fully_conv, x, with_engine=True):
-        pub = jax.jit(graph.apply)
-        cn = jax.jit(CaffeNet(fully_conv=fully_conv).apply)
-        c1 = xla_memory(pub, {"params": pj}, x)
-        c2 = xla_memory(cn, {"params": pj}, x)
-        impls = {
-            "load_caffe jit(apply)": (lambda: jax.block_until_ready(pub({"params": pj}, x)),
-                                      *c1, lambda: np.asarray(pub({"params": pj}, x)["prob"])),
-            "CaffeNet jit(apply)": (lambda: jax.block_until_ready(cn({"params": pj}, x)),
-                                    *c2, lambda: np.asarray(cn({"params": pj}, x)["prob"])),
-        }
+        cnet = CaffeNet(fully_conv=fully_conv)
+        impls = {}
+        for label, module in (("load_caffe", graph), ("CaffeNet", cnet)):
+            # as a user writes it (XLA's default kernels), and with fcn_jax.jit (the fast
+            # kernel choice of fcn_jax.xla, per function)
+            for how, jit in (("jax.jit", jax.jit), ("fcn_jax.jit", fcn_jit)):
+                f = jit(module.apply)
+                impls[f"{label} {how}(apply)"] = (
+                    lambda f=f: jax.block_until_ready(f({"params": pj}, x)),
+                    *xla_memory(f, {"params": pj}, x),
+                    lambda f=f: np.asarray(f({"params": pj}, x)["prob"]))
         if with_engine:
             eng = compile_forward(graph, params, outputs=("prob",), spatial_step=1)
             t = time.perf_counter()
@@ -469,8 +473,8 @@ def layer_experiments(fcn: dict, img: np.ndarray, rounds: int) -> list[dict]:
         if i in (0, 1):
             rec(f"norm{i + 1}", "NCHW layers.lrn", lambda x: L.lrn(
                 x, local_size=5, alpha=1e-4, beta=0.75), F.to_nchw(h))
-            h = rec(f"norm{i + 1}", "NHWC 5 channel shifts (used)", lambda x: F.lrn_nhwc(
-                x, local_size=5, alpha=1e-4, beta=0.75), h)
+            h = rec(f"norm{i + 1}", "NHWC 5 channel shifts, 1/sqrt(s sqrt s) (used)",
+                    lambda x: F.lrn_nhwc(x, local_size=5, alpha=1e-4, beta=0.75), h)
     for n, methods in (("fc6-conv", ("conv", "patches")), ("fc7-conv", ("conv", "dot")),
                        ("fc8-conv", ("conv", "dot"))):
         w, b = p[n]["weight"], p[n]["bias"]

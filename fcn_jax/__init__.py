@@ -7,8 +7,9 @@ from converters import load_caffe
 
 from .caffenet import CAFFENET_WIDTHS, CaffeNet, caffenet_prototxt
 from .net import CaffeGraph
+from .xla import compiler_options, jit
 
 __version__ = "0.1.0"
 
 __all__ = ["CAFFENET_WIDTHS", "CaffeGraph", "CaffeNet", "__version__", "caffenet_prototxt",
-           "load_caffe"]
+           "compiler_options", "jit", "load_caffe"]

@@ -147,16 +147,15 @@ def load_images(path: str | None) -> tuple[np.ndarray, np.ndarray, str]:
 def designer_filters(gray: np.ndarray, out: str, seed: int,
                      emit: Callable[[str], None]) -> dict[str, Any]:
     """The tutorial's first half: random filters, bias surgery, Gaussian + Sobel."""
-    import jax
 
-    from . import surgery, viz
+    from . import surgery, viz, xla
     from .net import blob_names
 
     net = converters.parse_prototxt(CONV_PROTOTXT)
     shape = (1, 1) + gray.shape
     module, params = converters.load_caffe(net, input_shape=shape, seed=seed)
     x = gray[np.newaxis, np.newaxis]
-    forward = jax.jit(lambda p: module.apply({"params": p}, x))
+    forward = xla.jit(lambda p: module.apply({"params": p}, x))
     blobs = forward(params)
     emit("\n== 1. designer filters: the one-convolution net (Caffe's conv.prototxt) ==")
     table("blobs", blob_table({k: blobs[k].shape for k in blob_names(module)}), emit)
@@ -233,10 +232,9 @@ def _he_rescale(w: Any) -> Any:
 def demo(cfg: DemoConfig, emit: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the whole tutorial; writes figures, the FCN files and ``summary.json`` to
     ``cfg.out`` and returns the summary."""
-    import jax
     from tqdm.auto import tqdm
 
-    from . import dense, surgery, viz
+    from . import dense, surgery, viz, xla
     from .io_utils import atomic_save_json
     from .net import blob_names, build_module, expected_param_shapes
     from .preprocess import caffe_transformer, deprocess, imagenet_mean_bgr, preprocess
@@ -302,7 +300,7 @@ def demo(cfg: DemoConfig, emit: Callable[[str], None] | None = None) -> dict[str
     module, loaded = converters.load_caffe(proto_path, model_path)
     tf = caffe_transformer(fcn_shape, mean=imagenet_mean_bgr())
     x = preprocess(tf, rgb)[np.newaxis]
-    blobs = jax.jit(module.apply)({"params": loaded}, x)
+    blobs = xla.jit(module.apply)({"params": loaded}, x)
     table("blobs of the fully convolutional net",
           blob_table({k: blobs[k].shape for k in blob_names(module)}), emit)
     table("params of the fully convolutional net", param_table(loaded), emit)
@@ -351,10 +349,9 @@ def demo(cfg: DemoConfig, emit: Callable[[str], None] | None = None) -> dict[str
 def crop_check(clf_net: Any, clf_params: Mapping, x: np.ndarray, prob: np.ndarray,
                emit: Callable[[str], None], batch: int = 16) -> dict[str, float]:
     """Run the classifier on every cell's crop and compare with the dense map."""
-    import jax
     from tqdm.auto import tqdm
 
-    from . import dense
+    from . import dense, xla
 
     windows = dense.classifier_window(clf_net)
     crops = dense.cell_crops(x, windows)[0]  # (gh, gw, C, h, w)
@@ -362,7 +359,7 @@ def crop_check(clf_net: Any, clf_params: Mapping, x: np.ndarray, prob: np.ndarra
     flat = crops.reshape((gh * gw,) + crops.shape[2:])
     module = CaffeNet(widths=_widths(clf_params),
                       num_classes=int(np.shape(clf_params["fc8"]["weight"])[0]))
-    fwd = jax.jit(lambda p, c: module.apply({"params": p}, c)["prob"])
+    fwd = xla.jit(lambda p, c: module.apply({"params": p}, c)["prob"])
     outs = []
     for i in tqdm(range(0, len(flat), batch), desc="classifier on crops", leave=False,
                   disable=None):

@@ -53,18 +53,12 @@ def class_probability_map(prob: Array, class_index: int, axis: int = -3) -> jax.
 
 
 def dense_apply(module: Any, outputs: Sequence[str] | None = ("prob",)) -> Callable:
-    """A jit-compiled ``f(params, x) -> {blob: array}`` for a ``CaffeGraph``/``CaffeNet``
-    (``outputs`` only, for ``CaffeGraph``; every blob when None or for ``CaffeNet``)."""
-    from .net import CaffeGraph
+    """A jit-compiled (``fcn_jax.xla.jit``) ``f(params, x) -> {blob: array}`` for a
+    ``CaffeGraph``/``CaffeNet``: ``outputs`` only, or every blob when None."""
+    from .xla import jit
 
-    if outputs is not None and isinstance(module, CaffeGraph):
-        names = tuple(outputs)
-        return jax.jit(lambda p, x: module.apply({"params": p}, x, outputs=names))
-    if outputs is not None:
-        names = tuple(outputs)
-        return jax.jit(lambda p, x: {k: v for k, v in module.apply({"params": p}, x).items()
-                                     if k in names})
-    return jax.jit(lambda p, x: module.apply({"params": p}, x))
+    names = None if outputs is None else tuple(outputs)
+    return jit(lambda p, x: module.apply({"params": p}, x, outputs=names))
 
 
 # ----------------------------------------------------------------------------- geometry

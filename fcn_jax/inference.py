@@ -21,8 +21,10 @@ net gives for that batch. Behind it:
   process_id)`` in every process before anything else touches JAX; ``jax.devices()`` then lists
   the devices of all hosts, each process passes its own slice of the batch (assembled with
   ``jax.make_array_from_process_local_data``) and gets back the rows of its own slice;
-* **XLA:CPU flags**: :func:`use_fast_cpu_flags` (before JAX starts) opts in to the kernel
-  choices measured fastest here; the default flags work too, somewhat slower;
+* **XLA:CPU kernels**: compiled with ``fcn_jax.xla.compiler_options()`` (convolutions on
+  XLA's Eigen kernels, dots on YNNPACK: the choices measured fastest here), per function, so
+  nothing else in the process changes; :func:`use_fast_cpu_flags` sets the same choices for
+  every ``jax.jit`` of the process (before JAX starts);
 * **dtype**: float32 with ``Precision.HIGHEST`` by default (Caffe's numerics, also on GPUs
   where the default would be TF32); ``dtype=jnp.bfloat16`` computes in bfloat16 (for
   accelerators; softmax in float32) and returns float32.
@@ -43,6 +45,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from . import fast as F
+from . import xla
 from .net import INPUT_TYPES, CaffeGraph, LayerSpec, compile_net, param_shapes, run_graph
 
 Array = jax.Array
@@ -169,7 +172,9 @@ def prepare_params(layers: Sequence[LayerSpec], params: Mapping[str, Mapping[str
     """``params`` in the layout the fast path runs on, as device arrays of ``dtype``:
     weights of convolutions that ``fast.conv_nhwc`` runs as ``lax.conv_general_dilated`` become
     per-group HWIO kernels; dot-formulated layers (1x1, deep kernels, InnerProduct) keep
-    Caffe's layout (the dot reads it untransposed)."""
+    Caffe's layout: the dot reads it untransposed. (A pre-transposed ``(K, O)`` copy ran the
+    whole net ~4% faster, but its rows then depended on the batch size in the last bits, and
+    sharded runs no longer equalled one device bit for bit; experiments/README.md.)"""
     out: dict[str, dict[str, Any]] = {}
     for s in layers:
         if s.name not in params:
@@ -219,7 +224,8 @@ class CompiledForward:
     def __init__(self, module: Any, params: Mapping[str, Mapping[str, Any]], *,
                  outputs: Sequence[str] | None = None, dtype: Any = jnp.float32,
                  spatial_step: int = 32, devices: Sequence[Any] | int | None = None,
-                 mesh: Mesh | None = None, buckets: bool = True):
+                 mesh: Mesh | None = None, buckets: bool = True,
+                 compiler_options: Mapping[str, Any] | None = None):
         self.layers = module_layers(module)
         names = [t for s in self.layers if s.type in INPUT_TYPES for t in s.tops]
         if len(names) != 1:
@@ -237,15 +243,17 @@ class CompiledForward:
         self._stats = _Stats()
         self._check = _param_checker(params)
         prepared = prepare_params(self.layers, params, dtype=self.dtype)
+        opts = dict(xla.compiler_options() if compiler_options is None else compiler_options)
+        opts = opts or None
         if mesh is not None:
             self._rep = NamedSharding(mesh, P())
             self._bat = NamedSharding(mesh, P("batch"))
             prepared = jax.device_put(prepared, self._rep)
             self._fn = jax.jit(self._traced, in_shardings=(self._rep, self._bat, self._bat,
-                                                            self._bat))
+                                                            self._bat), compiler_options=opts)
         else:
             prepared = jax.device_put(prepared)
-            self._fn = jax.jit(self._traced)
+            self._fn = jax.jit(self._traced, compiler_options=opts)
         self.params = prepared
 
     # -- the traced function -------------------------------------------------------------
@@ -375,14 +383,18 @@ def _local_numpy(a: Array) -> np.ndarray:
 def compile_forward(module: Any, params: Mapping[str, Mapping[str, Any]], *,
                     outputs: Sequence[str] | None = None, dtype: Any = jnp.float32,
                     spatial_step: int = 32, devices: Sequence[Any] | int | None = None,
-                    mesh: Mesh | None = None, buckets: bool = True) -> CompiledForward:
+                    mesh: Mesh | None = None, buckets: bool = True,
+                    compiler_options: Mapping[str, Any] | None = None) -> CompiledForward:
     """A :class:`CompiledForward` for a ``CaffeGraph`` (``load_caffe``) or ``CaffeNet`` and
     its params (Caffe-shaped tree). ``outputs``: blobs to return (default: the last top).
     ``spatial_step``: bucket sides are multiples of it (1: exact sizes). ``devices``/``mesh``:
-    shard the batch over devices. ``buckets=False`` compiles exact spatial shapes."""
+    shard the batch over devices. ``buckets=False`` compiles exact spatial shapes.
+    ``compiler_options``: XLA options (default ``fcn_jax.xla.compiler_options()``, the fastest
+    kernels measured; ``{}``: XLA's defaults, whose results do not depend on the batch size,
+    so a sharded run equals one device bit for bit)."""
     return CompiledForward(module, params, outputs=outputs, dtype=dtype,
                            spatial_step=spatial_step, devices=devices, mesh=mesh,
-                           buckets=buckets)
+                           buckets=buckets, compiler_options=compiler_options)
 
 
 def forward_fn(module: Any, *, outputs: Sequence[str] | None = None,

@@ -118,6 +118,21 @@ def test_lrn_nhwc_matches_float64(region):
     np.testing.assert_allclose(np.asarray(F.to_nchw(y)), ref, rtol=2e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("beta", [0.75, 0.6])
+def test_lrn_nhwc_as_close_to_exact_as_pow_over_a_wide_range_of_scales(beta):
+    """beta 0.75 runs as a division by sqrt(s * sqrt(s)) instead of pow: over scales from ~1 to
+    ~1e7 it stays within one ulp of what the pow formula (layers.lrn) gets from float64."""
+    x = (RNG.standard_normal((1, 64, 9, 9)) * np.logspace(-2, 4, 64)[None, :, None, None]
+         ).astype(np.float32)
+    ref = _lrn64(x, 5, 0.5, beta, 1.0, "ACROSS_CHANNELS")
+    ulp = np.spacing(np.abs(ref).astype(np.float32)).astype(np.float64)
+    y = np.asarray(F.to_nchw(jax.jit(lambda x: F.lrn_nhwc(
+        F.to_nhwc(x), local_size=5, alpha=0.5, beta=beta, k=1.0))(jnp.asarray(x))))
+    z = np.asarray(jax.jit(lambda x: L.lrn(x, local_size=5, alpha=0.5, beta=beta, k=1.0))(
+        jnp.asarray(x)))
+    assert (np.abs(y - ref) / ulp).max() <= (np.abs(z - ref) / ulp).max() + 1.0
+
+
 def test_inner_product_matches_float64():
     x = RNG.standard_normal((3, 4, 5, 6)).astype(np.float32)
     w = RNG.standard_normal((7, 120)).astype(np.float32)

@@ -105,12 +105,11 @@ def test_caffenet_module_through_the_engine(mini_fcn):
     _, params = mini_fcn
     net = CaffeNet(fully_conv=True, **MINI)
     assert [s.name for s in module_layers(net) if s.type == "Convolution"][-1] == "fc8-conv"
-    x = np.load(D / "caffenet_mini_full_conv_blobs.npz")["data"]
-    want = jax.jit(net.apply)({"params": params}, x)
-    got = compile_forward(net, params, outputs=("prob", "conv1"))(x)
-    for k in got:
-        np.testing.assert_allclose(got[k], np.asarray(want[k]), rtol=0,
-                                   atol=1e-5 * float(np.abs(want[k]).max()), err_msg=k)
+    ref = np.load(D / "caffenet_mini_full_conv_blobs.npz")
+    got = compile_forward(net, params, outputs=("pool2", "pool5", "fc8-conv", "prob"))(
+        ref["data"])
+    for k in got:  # against real Caffe, prob at 1e-4 as everywhere (see test_net)
+        caffe_close(got[k], ref[k], k, rel=1e-4 if k == "prob" else 1e-5)
 
 
 def test_caffenet_outputs_selects_blobs(mini_fcn):
@@ -153,21 +152,31 @@ SHARDED = textwrap.dedent("""
     params = _full_conv_params(converters.load_caffemodel(d + "/caffenet_mini.caffemodel"))
     module, _ = converters.load_caffe(d + "/caffenet_mini_full_conv.prototxt", params)
     x = np.random.default_rng(0).normal(size=(6, 3, 259, 291)).astype(np.float32) * 30
-    one = compile_forward(module, params, outputs=("prob", "pool5"))(x)
-    four = compile_forward(module, params, outputs=("prob", "pool5"), devices=4)
-    got = four(x)
-    arr = four._fn(four.params, *[jax.make_array_from_process_local_data(four._bat, a) for a in
-                   (np.zeros((8, 3, 288, 320), np.float32), np.full(8, 259, np.int32),
-                    np.full(8, 291, np.int32))])[0]["prob"]
-    print(json.dumps({{"devices": jax.device_count(),
-                      "shards": len(arr.sharding.device_set),
-                      "shapes": [list(got[k].shape) for k in ("prob", "pool5")],
-                      "max_diff": max(float(np.abs(got[k] - one[k]).max()) for k in one),
-                      "equal": all(bool(np.array_equal(got[k], one[k])) for k in one)}}))
+    res = {{"devices": jax.device_count()}}
+    for tag, opts in (("fast", None), ("xla_default", {{}})):
+        one = compile_forward(module, params, outputs=("prob", "pool5"),
+                              compiler_options=opts)(x)
+        four = compile_forward(module, params, outputs=("prob", "pool5"), devices=4,
+                               compiler_options=opts)
+        got = four(x)
+        arr = four._fn(four.params, *[jax.make_array_from_process_local_data(four._bat, a)
+                       for a in (np.zeros((8, 3, 288, 320), np.float32),
+                                 np.full(8, 259, np.int32), np.full(8, 291, np.int32))])
+        res[tag] = {{"shards": len(arr[0]["prob"].sharding.device_set),
+                    "shapes": [list(got[k].shape) for k in ("prob", "pool5")],
+                    "rel_diff": max(float(np.abs(got[k] - one[k]).max() / np.abs(one[k]).max())
+                                    for k in one),
+                    "same_argmax": bool(np.array_equal(got["prob"].argmax(1),
+                                                       one["prob"].argmax(1))),
+                    "equal": all(bool(np.array_equal(got[k], one[k])) for k in one)}}
+    print(json.dumps(res))
 """)
 
 
 def test_data_parallel_on_four_host_devices_matches_one_device():
+    """Sharded over 4 devices (2 images each) == one device (6 images): bit for bit with XLA's
+    default kernels; with the faster kernel choice (the default) to float32 rounding, since
+    Eigen's convolution blocking depends on the row count per device."""
     code = SHARDED.format(tests=str(Path(__file__).parent), data=str(D))
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
                JAX_PLATFORMS="cpu")
@@ -175,9 +184,12 @@ def test_data_parallel_on_four_host_devices_matches_one_device():
                        timeout=600, cwd=Path(__file__).parents[1])
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
-    assert res["devices"] == 4 and res["shards"] == 4
-    assert res["shapes"] == [[6, 1000, 2, 3], [6, 64, 7, 8]]
-    assert res["equal"], res  # bit for bit
+    assert res["devices"] == 4
+    for tag in ("fast", "xla_default"):
+        assert res[tag]["shards"] == 4
+        assert res[tag]["shapes"] == [[6, 1000, 2, 3], [6, 64, 7, 8]]
+        assert res[tag]["same_argmax"] and res[tag]["rel_diff"] <= 1e-5, res
+    assert res["xla_default"]["equal"], res  # bit for bit
 
 
 def test_use_fast_cpu_flags_only_before_jax_starts():

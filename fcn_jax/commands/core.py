@@ -128,9 +128,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    import jax
 
     from converters.npy import load_npy, load_npz
+    from fcn_jax import xla
     from fcn_jax.io_utils import atomic_save_npz
     from fcn_jax.net import blob_names
 
@@ -151,7 +151,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             from fcn_jax.predict import check_activation_budget
 
             check_activation_budget(module, params, x.shape)
-        blobs = jax.jit(lambda p, x: module.apply({"params": p}, x, outputs=outputs))(params, x)
+        blobs = xla.jit(lambda p, x: module.apply({"params": p}, x, outputs=outputs))(params, x)
     except (ValueError, TypeError) as e:
         raise CaffeFormatError(f"input of shape {shape} does not fit the net: {e}",
                                path=args.input) from None
