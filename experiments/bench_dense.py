@@ -50,6 +50,7 @@ import jax.numpy as jnp  # noqa: E402
 
 import converters  # noqa: E402
 from fcn_jax import CaffeNet  # noqa: E402
+from fcn_jax import compiler_options as fcn_jax_compiler_options  # noqa: E402
 from fcn_jax import jit as fcn_jit  # noqa: E402
 from fcn_jax.inference import compile_forward  # noqa: E402
 from fcn_jax.io_utils import atomic_save_json  # noqa: E402
@@ -378,7 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     layers = layer_experiments(fcn, img451, args.rounds) if args.layers else None
     result = {
         "jax": jax.__version__, "backend": backend, "devices": [str(d) for d in jax.devices()],
-        "xla_flags": os.environ.get("XLA_FLAGS", ""), "machine": platform.processor() or
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "compiler_options": {k: str(v) for k, v in fcn_jax_compiler_options().items()},
+        "machine": platform.processor() or
         platform.machine(), "cpu_count": os.cpu_count(), "load_before": load0,
         "load_after": os.getloadavg(), "rounds": args.rounds, "gemm_peak_gflops": peaks,
         "peak_used_gflops": peak, "rows": rows, "summary": summary, "stream": stream,

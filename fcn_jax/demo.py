@@ -147,7 +147,6 @@ def load_images(path: str | None) -> tuple[np.ndarray, np.ndarray, str]:
 def designer_filters(gray: np.ndarray, out: str, seed: int,
                      emit: Callable[[str], None]) -> dict[str, Any]:
     """The tutorial's first half: random filters, bias surgery, Gaussian + Sobel."""
-
     from . import surgery, viz, xla
     from .net import blob_names
 

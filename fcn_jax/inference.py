@@ -243,17 +243,16 @@ class CompiledForward:
         self._stats = _Stats()
         self._check = _param_checker(params)
         prepared = prepare_params(self.layers, params, dtype=self.dtype)
-        opts = dict(xla.compiler_options() if compiler_options is None else compiler_options)
-        opts = opts or None
+        opts = xla.compiler_options() if compiler_options is None else dict(compiler_options)
         if mesh is not None:
             self._rep = NamedSharding(mesh, P())
             self._bat = NamedSharding(mesh, P("batch"))
             prepared = jax.device_put(prepared, self._rep)
-            self._fn = jax.jit(self._traced, in_shardings=(self._rep, self._bat, self._bat,
-                                                            self._bat), compiler_options=opts)
+            self._fn = xla.jit_with(self._traced, opts, in_shardings=(
+                self._rep, self._bat, self._bat, self._bat))
         else:
             prepared = jax.device_put(prepared)
-            self._fn = jax.jit(self._traced, compiler_options=opts)
+            self._fn = xla.jit_with(self._traced, opts)
         self.params = prepared
 
     # -- the traced function -------------------------------------------------------------

@@ -133,6 +133,16 @@ def test_lrn_nhwc_as_close_to_exact_as_pow_over_a_wide_range_of_scales(beta):
     assert (np.abs(y - ref) / ulp).max() <= (np.abs(z - ref) / ulp).max() + 1.0
 
 
+def test_lrn_nhwc_huge_scales_do_not_overflow():
+    """s * sqrt(s) overflows float32 beyond s ~ 4.9e25; the result must still be pow's."""
+    x = np.array([1e15, 3e15, 1e16, 1e17], np.float32).reshape(1, 1, 1, 4)
+    ref = _lrn64(np.asarray(F.to_nchw(jnp.asarray(x))), 5, 1e-4, 0.75, 1.0, "ACROSS_CHANNELS")
+    y = np.asarray(F.to_nchw(F.lrn_nhwc(jnp.asarray(x), local_size=5, alpha=1e-4,
+                                        beta=0.75)))
+    assert np.all(y > 0)
+    np.testing.assert_allclose(y, ref, rtol=1e-6)
+
+
 def test_inner_product_matches_float64():
     x = RNG.standard_normal((3, 4, 5, 6)).astype(np.float32)
     w = RNG.standard_normal((7, 120)).astype(np.float32)

@@ -164,8 +164,8 @@ SHARDED = textwrap.dedent("""
                                  np.full(8, 259, np.int32), np.full(8, 291, np.int32))])
         res[tag] = {{"shards": len(arr[0]["prob"].sharding.device_set),
                     "shapes": [list(got[k].shape) for k in ("prob", "pool5")],
-                    "rel_diff": max(float(np.abs(got[k] - one[k]).max() / np.abs(one[k]).max())
-                                    for k in one),
+                    "rel_diff": {{k: float(np.abs(got[k] - one[k]).max() / np.abs(one[k]).max())
+                                 for k in one}},
                     "same_argmax": bool(np.array_equal(got["prob"].argmax(1),
                                                        one["prob"].argmax(1))),
                     "equal": all(bool(np.array_equal(got[k], one[k])) for k in one)}}
@@ -188,7 +188,10 @@ def test_data_parallel_on_four_host_devices_matches_one_device():
     for tag in ("fast", "xla_default"):
         assert res[tag]["shards"] == 4
         assert res[tag]["shapes"] == [[6, 1000, 2, 3], [6, 64, 7, 8]]
-        assert res[tag]["same_argmax"] and res[tag]["rel_diff"] <= 1e-5, res
+        # prob at 1e-4 as against Caffe everywhere (softmax of logits ~400 amplifies the
+        # last bits of fc8; measured 6.7e-6 here), pool5 at 1e-5
+        assert res[tag]["same_argmax"], res
+        assert res[tag]["rel_diff"]["prob"] <= 1e-4 and res[tag]["rel_diff"]["pool5"] <= 1e-5, res
     assert res["xla_default"]["equal"], res  # bit for bit
 
 

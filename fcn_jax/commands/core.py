@@ -128,7 +128,6 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-
     from converters.npy import load_npy, load_npz
     from fcn_jax import xla
     from fcn_jax.io_utils import atomic_save_npz
