@@ -92,9 +92,11 @@ def _check_filler_budget(_net, net, kwargs: dict, budget: int, path) -> None:
     module = _net.build_module(net, phase=kwargs.get("phase", "TEST"),
                                path=path if path is not None else "<net>")
     try:
-        shapes = _net.expected_param_shapes(module, kwargs.get("input_shape"))
+        _net.example_inputs(module, kwargs.get("input_shape"))
     except ValueError:
         return  # no input shape known: nothing is allocated until apply
+    # a net that cannot be built at its declared size raises here, before any allocation
+    shapes = _net.expected_param_shapes(module, kwargs.get("input_shape"))
     sizes = {(layer, name): math.prod(shape) * 4
              for layer, blobs in shapes.items() for name, shape in blobs.items()}
     total = sum(sizes.values())

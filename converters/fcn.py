@@ -112,6 +112,11 @@ def layer_geometry(layer) -> Geometry:
     raise ValueError(f"layer {name!r} of type {layer.type} has no kernel geometry")
 
 
+def _c_div(a: int, b: int) -> int:
+    """C's integer division (truncates toward zero), as Caffe computes sizes."""
+    return a // b if a >= 0 else -(-a // b)
+
+
 def pooled_size(size: int, kernel: int, stride: int, pad: int, ceil_mode: bool,
                 clip: bool) -> int:
     """Caffe's pooled size along one axis (ceil or floor, then the padding clip rule)."""
@@ -150,7 +155,10 @@ def _layer_shapes(lp, shapes: list[Shape]) -> list[Shape]:
             return [(x[0], x[1]) + hw] * n_tops
         ext = [g.dilation[i] * (g.kernel[i] - 1) + 1 for i in range(2)]
         if t == "Convolution":
-            hw = tuple((x[2 + i] + 2 * g.pad[i] - ext[i]) // g.stride[i] + 1 for i in range(2))
+            # C's division truncates toward zero: a kernel overhanging the padded input by
+            # less than a stride still gives one cell (Caffe's conv_layer.cpp)
+            hw = tuple(_c_div(x[2 + i] + 2 * g.pad[i] - ext[i], g.stride[i]) + 1
+                       for i in range(2))
         else:
             hw = tuple(g.stride[i] * (x[2 + i] - 1) + ext[i] - 2 * g.pad[i] for i in range(2))
         if min(hw) <= 0:

@@ -89,9 +89,8 @@ def _dot_t(a: Array, w: Array, precision: Any) -> Array:
 # ----------------------------------------------------------------------------- valid sizes
 
 
-def conv_output_size(n: Any, kernel: int, stride: int, pad: int, dilation: int = 1) -> Any:
-    """Caffe's convolution output size ``(n + 2p - (d(k-1)+1)) // s + 1`` (ints or arrays)."""
-    return (n + 2 * pad - (dilation * (kernel - 1) + 1)) // stride + 1
+#: Caffe's convolution output size (C's truncating division; ints or int arrays).
+conv_output_size = L.conv_output_size
 
 
 def deconv_output_size(n: Any, kernel: int, stride: int, pad: int, dilation: int = 1) -> Any:
@@ -181,9 +180,10 @@ def conv_nhwc(x: Array, weight: Array | Sequence[Array], bias: Array | None = No
     Returns NHWC.
     """
     stride, pad, dilation = _pair(stride), _pair(pad), _pair(dilation)
-    if any(pad):
-        # only a padded convolution reads cells beyond the valid size for valid outputs
-        # (they must be the zeros Caffe pads with); unpadded windows stay inside
+    if any(pad) or max(stride) > 1:
+        # a padded convolution, or a strided one whose last window hangs past the input
+        # (see layers.conv_output_size), reads cells beyond the valid size for valid outputs:
+        # they must be the zeros Caffe pads with; other windows stay inside
         x = mask_nhwc(x, valid, 0.0)
     prepared = not hasattr(weight, "ndim")
     if prepared:
@@ -198,9 +198,10 @@ def conv_nhwc(x: Array, weight: Array | Sequence[Array], bias: Array | None = No
     if method == "auto":
         method = _conv_method(x.shape, w_shape, stride, pad, dilation, group)
     dtype = x.dtype
+    padding = L.conv_padding(x.shape[1:3], (kh, kw), stride, pad, dilation)
     if method in ("dot", "patches"):
-        if any(pad):
-            x = jnp.pad(x, ((0, 0), (pad[0], pad[0]), (pad[1], pad[1]), (0, 0)))
+        if any(p for lo_hi in padding for p in lo_hi):
+            x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
         ho = conv_output_size(x.shape[1], kh, stride[0], 0, dilation[0])
         wo = conv_output_size(x.shape[2], kw, stride[1], 0, dilation[1])
         wins = _windows(x, kh, kw, stride, dilation, ho, wo)
@@ -228,7 +229,7 @@ def conv_nhwc(x: Array, weight: Array | Sequence[Array], bias: Array | None = No
             xs = x[..., g * cg:(g + 1) * cg] if group > 1 else x
             outs.append(lax.conv_general_dilated(
                 xs, kernels[g].astype(dtype), window_strides=stride,
-                padding=[(pad[0], pad[0]), (pad[1], pad[1])], rhs_dilation=dilation,
+                padding=padding, rhs_dilation=dilation,
                 dimension_numbers=spec, precision=precision))
         y = outs[0] if group == 1 else jnp.concatenate(outs, axis=-1)
     else:

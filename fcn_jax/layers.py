@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +34,8 @@ __all__ = [
     "batch_norm",
     "bias",
     "bilinear_filler",
+    "conv_output_size",
+    "conv_padding",
     "bnll",
     "concat",
     "convolution",
@@ -102,6 +105,33 @@ def _channel_param(param: Array, ndim: int) -> Array:
 # --------------------------------------------------------------------------------------------
 
 
+def conv_output_size(n: Any, kernel: int, stride: int, pad: int, dilation: int = 1) -> Any:
+    """Caffe's convolution output size ``(n + 2p - (d(k-1)+1)) / s + 1`` with C's integer
+    division, which truncates toward zero: when the kernel overhangs the padded input by less
+    than a stride, Caffe still makes one cell (ints or int arrays)."""
+    num = n + 2 * pad - (dilation * (kernel - 1) + 1)
+    if isinstance(num, int | np.integer):
+        return (num // stride if num >= 0 else -(-num // stride)) + 1
+    return jnp.where(num >= 0, num // stride, -(-num // stride)) + 1
+
+
+def conv_padding(spatial: Sequence[int], kernel: Sequence[int], stride: Sequence[int],
+                 pad: Sequence[int], dilation: Sequence[int]) -> list[tuple[int, int]]:
+    """``(low, high)`` zero padding per spatial axis that gives Caffe's output size: ``pad`` on
+    both sides, plus on the high side what a last window hanging past the input needs. Raises
+    ValueError when the output would be empty."""
+    out = []
+    for n, k, s, p, d in zip(spatial, kernel, stride, pad, dilation, strict=True):
+        o = conv_output_size(n, k, s, p, d)
+        if o < 1:
+            raise ValueError(f"convolution of size {tuple(spatial)} with kernel "
+                             f"{tuple(kernel)} (stride {tuple(stride)}, pad {tuple(pad)}, "
+                             f"dilation {tuple(dilation)}) gives an empty output")
+        over = (o - 1) * s + d * (k - 1) + 1 - (n + 2 * p)
+        out.append((p, p + max(over, 0)))
+    return out
+
+
 def convolution(
     x: Array,
     weight: Array,
@@ -117,8 +147,9 @@ def convolution(
 
     ``y[n, o] = b[o] + sum_{c in group(o), i, j} w[o, c, i, j] * x_pad[n, c, s*y + d*i, s*x + d*j]``
     with ``weight`` of shape ``(O, C/group, kh, kw)`` (N-D kernels work the same way).
-    Output size per spatial axis: ``(H + 2p - (d*(k-1) + 1)) // s + 1`` (floor).
-    Caffe defaults: stride 1, pad 0, dilation 1, group 1, bias present.
+    Output size per spatial axis: :func:`conv_output_size`, Caffe's ``(H + 2p - (d*(k-1) + 1))
+    / s + 1`` with C's division; a last window hanging past the padded input reads zeros there,
+    as Caffe's im2col does. Caffe defaults: stride 1, pad 0, dilation 1, group 1, bias present.
     """
     x = jnp.asarray(x)
     weight = jnp.asarray(weight)
@@ -130,11 +161,12 @@ def convolution(
         raise ValueError(
             f"input has {x.shape[1]} channels, weight expects {weight.shape[1]} x group {group}"
         )
+    padding = conv_padding(x.shape[2:], weight.shape[2:], strides, pads, dils)
     y = lax.conv_general_dilated(
         x,
         weight.astype(x.dtype),
         window_strides=strides,
-        padding=[(p, p) for p in pads],
+        padding=padding,
         rhs_dilation=dils,
         feature_group_count=group,
         precision=precision,

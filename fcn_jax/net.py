@@ -492,6 +492,30 @@ def _apply_layer(spec: LayerSpec, xs: list[Array], p: Mapping[str, Array], *, tr
     raise UnsupportedLayerError(f"unsupported layer type {t!r}", layer=spec.name, field="type")
 
 
+def _run_layer(spec: LayerSpec, bl: list[_Blob], vs: list, p: Mapping[str, Any], *,
+               train: bool, rng: Callable[[], Array] | None, fast: bool, precision: Any
+               ) -> tuple[list[_Blob], list]:
+    """One layer: the NHWC fast form when it has one, else ``_apply_layer`` on NCHW arrays;
+    ``(tops, their valid sizes)``."""
+    done = _apply_fast(spec, bl, p, train=train, rng=rng, valid=vs,
+                       precision=precision) if fast else None
+    if done is not None:
+        return done
+    if any(v is not None for v in vs) and (
+            spec.type not in _VALID_FALLBACK
+            or (spec.type == "ArgMax" and spec.cfg["axis"] not in (1, -3))):
+        raise ValueError(f"{spec.name}: a {spec.type} layer cannot run on inputs "
+                         "padded to a bucket shape")
+    arrays = _apply_layer(spec, [b.nchw() for b in bl], p, train=train, rng=rng)
+    tops = [_Blob(nchw=a) for a in arrays]
+    if spec.type == "Crop" and len(vs) > 1 and vs[0] is not None:
+        axis = spec.cfg["axis"] % 4
+        tvalid = vs[1] if axis <= 2 else (vs[0][0], vs[1][1])
+    else:
+        tvalid = vs[0] if vs else None
+    return tops, [tvalid] * len(tops)
+
+
 class _Blob:
     """One blob during execution: its NCHW array, its NHWC array, or both (converted on
     demand and cached). Blobs that are not 4-D only ever have the NCHW (Caffe) form."""
@@ -692,22 +716,13 @@ def run_graph(layers: Sequence[LayerSpec], get_params: Callable[[LayerSpec, list
         bl = [blobs[b] for b in spec.bottoms]
         vs = [valids[b] for b in spec.bottoms]
         p = get_params(spec, [b.shape for b in bl])
-        done = _apply_fast(spec, bl, p, train=train, rng=rng, valid=vs,
-                           precision=precision) if fast else None
-        if done is None:
-            if any(v is not None for v in vs) and (
-                    spec.type not in _VALID_FALLBACK
-                    or (spec.type == "ArgMax" and spec.cfg["axis"] not in (1, -3))):
-                raise ValueError(f"{spec.name}: a {spec.type} layer cannot run on inputs "
-                                 "padded to a bucket shape")
-            arrays = _apply_layer(spec, [b.nchw() for b in bl], p, train=train, rng=rng)
-            tops = [_Blob(nchw=a) for a in arrays]
-            if spec.type == "Crop" and len(vs) > 1 and vs[0] is not None:
-                axis = spec.cfg["axis"] % 4
-                tvalid = vs[1] if axis <= 2 else (vs[0][0], vs[1][1])
-            else:
-                tvalid = vs[0] if vs else None
-            done = tops, [tvalid] * len(tops)
+        try:
+            done = _run_layer(spec, bl, vs, p, train=train, rng=rng, fast=fast,
+                              precision=precision)
+        except ValueError as e:  # a size or shape the layer cannot take: name the layer
+            if str(e).startswith(f"{spec.name}:"):
+                raise
+            raise ValueError(f"{spec.name}: {e}") from e
         tops, tvalids = done
         for name, blob, v in zip(spec.tops, tops, tvalids, strict=True):
             blobs[name] = blob
@@ -855,9 +870,11 @@ def load_caffe(prototxt: PathLike | Any, caffemodel: PathLike | Mapping | None =
     mpath = caffemodel if isinstance(caffemodel, (str, os.PathLike)) else None
     stored = converters.load_caffemodel(caffemodel) if mpath is not None else caffemodel
     try:
-        expected = expected_param_shapes(module, input_shape)
+        example_inputs(module, input_shape)
     except ValueError:
         expected = None  # no input shape known: shapes are checked at apply time
+    else:
+        expected = expected_param_shapes(module, input_shape)
     if expected is None:
         needed = {s.name: None for s in module.layers if s.type in (
             "Convolution", "Deconvolution", "InnerProduct", "BatchNorm", "Scale", "Bias",

@@ -85,6 +85,39 @@ def test_stream_of_sizes_compiles_per_bucket_and_stays_exact(mini_fcn):
             np.testing.assert_allclose(g[k], w, rtol=0, atol=1e-5 * np.abs(w).max(), err_msg=k)
 
 
+def test_bucket_keeps_caffes_overhanging_last_window():
+    """A strided convolution whose last window hangs past a small image (Caffe: one more
+    cell, zeros beyond the image) stays exact when the image is padded into a bucket."""
+    from test_layers import np_conv_caffe
+
+    text = textwrap.dedent("""
+        input: "data"  input_shape { dim: 1 dim: 2 dim: 16 dim: 16 }
+        layer { name: "a" type: "Convolution" bottom: "data" top: "a"
+          convolution_param { num_output: 2 kernel_size: 1 } }
+        layer { name: "c" type: "Convolution" bottom: "a" top: "c"
+          convolution_param { num_output: 3 kernel_size: 5 stride: 3 } }
+    """)
+    rng = np.random.default_rng(3)
+    params = {n: {"weight": rng.standard_normal(ws).astype(np.float32),
+                  "bias": rng.standard_normal(ws[0]).astype(np.float32) + 2}
+              for n, ws in (("a", (2, 2, 1, 1)), ("c", (3, 2, 5, 5)))}
+    module, _ = converters.load_caffe(converters.parse_prototxt(text), params)
+    fwd = compile_forward(module, params, outputs=("c",), spatial_step=16)
+    images = [rng.standard_normal((2, h, w)).astype(np.float32) for h, w in
+              ((3, 4), (4, 7), (9, 6), (16, 16))]
+
+    def caffe(x, layer, stride):
+        return np_conv_caffe(x, params[layer]["weight"].astype(np.float64),
+                             params[layer]["bias"], stride, (0, 0), (1, 1), 1)
+
+    for img, got in zip(images, fwd.stream(images, batch_size=4), strict=True):
+        # "a" turns the bucket's zero padding into its bias: only masking makes it zero again
+        ref = caffe(caffe(img[None].astype(np.float64), "a", (1, 1)), "c", (3, 3))[0]
+        assert got["c"].shape == ref.shape  # (3, 4) -> 1x1 cell: Caffe's C division
+        np.testing.assert_allclose(got["c"], ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    assert fwd.compile_count == 1
+
+
 def test_classifier_uses_exact_shapes_and_pads_batches(mini_cls):
     module, params = mini_cls
     assert not supports_buckets(module.layers)  # fc6 flattens pool5

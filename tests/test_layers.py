@@ -496,6 +496,65 @@ def test_convolution_vs_numpy(cfg):
     close64(ours, ref)
 
 
+def np_conv_caffe(x, w, b, s, p, d, group):
+    """Caffe's forward as written in conv_layer.cpp + im2col_cpu, in float64: the output size
+    uses C's truncating division, and every input read outside [0, size) is a zero."""
+    def out(size, k, ss, pp, dd):
+        num = size + 2 * pp - (dd * (k - 1) + 1)
+        return (num // ss if num >= 0 else -(-num // ss)) + 1
+
+    n, _, hh, ww = x.shape
+    o, cg, kh, kw = w.shape
+    og = o // group
+    ho, wo = out(hh, kh, s[0], p[0], d[0]), out(ww, kw, s[1], p[1], d[1])
+    y = np.zeros((n, o, ho, wo))
+    for g in range(group):
+        for oy in range(ho):
+            for ox in range(wo):
+                for i in range(kh):
+                    for j in range(kw):
+                        iy, ix = oy * s[0] - p[0] + i * d[0], ox * s[1] - p[1] + j * d[1]
+                        if 0 <= iy < hh and 0 <= ix < ww:
+                            wg = w[g * og:(g + 1) * og, :, i, j]
+                            y[:, g * og:(g + 1) * og, oy, ox] += (
+                                x[:, g * cg:(g + 1) * cg, iy, ix] @ wg.T)
+    return y if b is None else y + np.asarray(b, np.float64).reshape(1, -1, 1, 1)
+
+
+@st.composite
+def overhanging_conv_configs(draw):
+    """Sizes down to one past ``extent - 2 pad - stride``: the last window may hang past the
+    padded input by up to ``stride - 1``, where Caffe's C division still makes a cell."""
+    group = draw(st.integers(1, 2))
+    cg, og = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    k = (draw(st.integers(1, 5)), draw(st.integers(1, 5)))
+    s = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
+    d = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    p = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+    size = tuple(draw(st.integers(max(1, dd * (kk - 1) + 1 - 2 * pp - ss + 1),
+                                  dd * (kk - 1) + 1 + 5))
+                 for kk, ss, dd, pp in zip(k, s, d, p, strict=True))
+    return group, cg, og, size, k, s, d, p, draw(st.integers(0, 2**16))
+
+
+@HYP
+@given(overhanging_conv_configs())
+def test_convolution_sizes_and_overhang_as_caffe(cfg):
+    group, cg, og, size, k, s, d, p, seed = cfg
+    rng = np.random.default_rng(seed)
+    x = _rand(rng, (2, cg * group) + size)
+    w = _rand(rng, (og * group, cg) + k)
+    b = _rand(rng, (og * group,))
+    ref = np_conv_caffe(x.astype(np.float64), w.astype(np.float64), b, s, p, d, group)
+    close64(L.convolution(x, w, b, stride=s, pad=p, dilation=d, group=group), ref)
+
+
+def test_convolution_with_an_empty_output_is_refused():
+    x = np.zeros((1, 1, 3, 3), np.float32)
+    with pytest.raises(ValueError, match="empty output"):
+        L.convolution(x, np.zeros((1, 1, 5, 5), np.float32))  # (3 - 5) / 1 + 1 = -1
+
+
 @HYP
 @given(conv_configs())
 def test_deconvolution_vs_numpy(cfg):
