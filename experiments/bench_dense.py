@@ -181,8 +181,9 @@ def xla_memory(jitted, *args) -> tuple[float, int | None]:
 
 
 def run_case(name: str, impls: dict, rounds: int, flops: float, peak: float,
-             check: dict | None = None) -> list[dict]:
-    """Time ``impls`` (label -> (call, compile_s, mem_bytes, prob_fn)) interleaved."""
+             check: dict | None = None, images: int = 1) -> list[dict]:
+    """Time ``impls`` (label -> (call, compile_s, mem_bytes, prob_fn)) interleaved; ``images``
+    per call gives the images/s column."""
     calls = {k: v[0] for k, v in impls.items()}
     for fn in calls.values():  # warm up (first call compiles the jit cache)
         fn()
@@ -193,6 +194,7 @@ def run_case(name: str, impls: dict, rounds: int, flops: float, peak: float,
     for k, t in times.items():
         med, best = float(np.median(t)), float(np.min(t))
         row = {"case": name, "impl": k, "median_ms": med * 1e3, "min_ms": best * 1e3,
+               "images_per_s": images / med,
                "compile_s": impls[k][1], "xla_memory_mb": (impls[k][2] / 2**20
                                                            if impls[k][2] else None),
                "gflops": flops / med / 1e9, "frac_gemm_peak": flops / med / 1e9 / peak,
@@ -203,7 +205,7 @@ def run_case(name: str, impls: dict, rounds: int, flops: float, peak: float,
 
 
 def print_table(rows: list[dict]) -> None:
-    head = (f"{'case':<28}{'impl':<30}{'median ms':>10}{'min ms':>9}{'x torch':>9}"
+    head = (f"{'case':<28}{'impl':<30}{'median ms':>10}{'min ms':>9}{'img/s':>8}{'x torch':>9}"
             f"{'GFLOP/s':>9}{'%peak':>7}{'compile s':>10}{'XLA MB':>8}{'|dprob|':>9}")
     print(head)
     print("-" * len(head))
@@ -211,6 +213,7 @@ def print_table(rows: list[dict]) -> None:
         def f(v, fmt):
             return format(v, fmt) if v is not None else "-"
         print(f"{r['case']:<28}{r['impl']:<30}{r['median_ms']:>10.1f}{r['min_ms']:>9.1f}"
+              f"{r['images_per_s']:>8.1f}"
               f"{f(r['speedup_vs_torch'], '9.2f'):>9}{r['gflops']:>9.1f}"
               f"{100 * r['frac_gemm_peak']:>7.1f}{f(r['compile_s'], '10.2f'):>10}"
               f"{f(r['xla_memory_mb'], '8.0f'):>8}{f(r['max_abs_diff_prob_vs_torch'], '9.1e'):>9}")
@@ -318,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, graph, pj, params, fc, x, key in cases:
         impls = add_torch(jax_impls(graph, pj, params, fc, x), key, x)
         check = diffs(impls)
-        rows += run_case(name, impls, args.rounds, count_flops(graph, x.shape), peak, check)
+        rows += run_case(name, impls, args.rounds, count_flops(graph, x.shape), peak, check,
+                         images=x.shape[0])
         print_table(rows[-len(impls):])
         print(flush=True)
 
