@@ -71,11 +71,17 @@ _BUCKETABLE = frozenset({
     "Softmax", "Concat", "BatchNorm", "Scale", "Bias", "Silence", "ArgMax", "Crop"})
 
 
-#: XLA:CPU flags that made this forward fastest on the x86 machines measured (see
-#: experiments/README.md): convolutions through XLA's own kernels rather than XNNPACK, and
-#: each dot through YNNPACK on its own. They change which kernels run, not the float32 math.
-FAST_CPU_XLA_FLAGS = ("--xla_cpu_use_xnnpack=false",
-                      "--xla_cpu_experimental_ynn_fusion_type=individual_dot")
+def _as_flag(name: str, value: Any) -> str:
+    """An ``XLA_FLAGS`` entry for a debug option as ``jax.jit``'s ``compiler_options`` take it
+    (enum names lose their ``LIBRARY_FUSION_TYPE_`` prefix, booleans are lower case)."""
+    if isinstance(value, bool):
+        return f"--{name}={str(value).lower()}"
+    return f"--{name}={str(value).removeprefix('LIBRARY_FUSION_TYPE_').lower()}"
+
+
+#: ``fcn_jax.xla.CPU_OPTIONS`` (the kernel choice measured fastest, experiments/README.md) as
+#: process-wide ``XLA_FLAGS``, for a plain ``jax.jit``.
+FAST_CPU_XLA_FLAGS = tuple(_as_flag(k, v) for k, v in xla.CPU_OPTIONS.items())
 
 
 def use_fast_cpu_flags() -> bool:
@@ -243,16 +249,15 @@ class CompiledForward:
         self._stats = _Stats()
         self._check = _param_checker(params)
         prepared = prepare_params(self.layers, params, dtype=self.dtype)
-        opts = xla.compiler_options() if compiler_options is None else dict(compiler_options)
         if mesh is not None:
             self._rep = NamedSharding(mesh, P())
             self._bat = NamedSharding(mesh, P("batch"))
             prepared = jax.device_put(prepared, self._rep)
-            self._fn = xla.jit_with(self._traced, opts, in_shardings=(
-                self._rep, self._bat, self._bat, self._bat))
+            self._fn = xla.jit(self._traced, compiler_options=compiler_options,
+                               in_shardings=(self._rep, self._bat, self._bat, self._bat))
         else:
             prepared = jax.device_put(prepared)
-            self._fn = xla.jit_with(self._traced, opts)
+            self._fn = xla.jit(self._traced, compiler_options=compiler_options)
         self.params = prepared
 
     # -- the traced function -------------------------------------------------------------

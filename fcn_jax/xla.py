@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-__all__ = ["CPU_OPTIONS", "compiler_options", "jit", "jit_with"]
+__all__ = ["CPU_OPTIONS", "compiler_options", "jit"]
 
 #: XLA:CPU debug options (``compiler_options`` of ``jax.jit``), the per-function form of
 #: ``inference.FAST_CPU_XLA_FLAGS``.
@@ -69,7 +69,7 @@ def jit(fun: Callable, **kwargs: Any) -> Callable:
     return _LazyJit(fun, None if user is None else dict(user), kwargs)
 
 
-def jit_with(fun: Callable, options: Mapping[str, Any] | None, **kwargs: Any) -> Callable:
+def _jit_with(fun: Callable, options: Mapping[str, Any] | None, **kwargs: Any) -> Callable:
     """``jax.jit(fun, compiler_options=options, **kwargs)``, leaving the argument out when
     there are none (or on a JAX whose ``jit`` does not take it)."""
     if not options:
@@ -91,7 +91,7 @@ class _LazyJit:
     def _get(self) -> Callable:
         if self._jitted is None:
             opts = compiler_options() if self._options is None else self._options
-            self._jitted = jit_with(self._fun, opts, **self._kwargs)
+            self._jitted = _jit_with(self._fun, opts, **self._kwargs)
         return self._jitted
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
