@@ -14,7 +14,7 @@ import warnings
 from typing import Any
 
 from .caffe_io import read_prototxt, resolve_memory_budget, upgrade_net
-from .errors import CaffeFormatError
+from .errors import CaffeFormatError, ParamMismatchError
 
 #: Exceptions that shape inference (JAX tracing) raises for a net that cannot be built.
 _BUILD_ERRORS = (TypeError, ValueError, IndexError, KeyError, ZeroDivisionError,
@@ -50,8 +50,8 @@ def load_caffe(prototxt, caffemodel=None, *, memory_budget: int | None = None, *
             return _with_model_path(_net.load_caffe, net_arg, stored, caffemodel, path,
                                     kwargs)
         return _with_model_path(_net.load_caffe, net_arg, caffemodel, None, path, kwargs)
-    except CaffeFormatError:
-        raise
+    except CaffeFormatError as e:
+        raise e.with_context(path=path) from e.__cause__
     except _BUILD_ERRORS as e:
         raise CaffeFormatError(f"the net cannot be built: {type(e).__name__}: {e}",
                                path=path) from e
@@ -63,7 +63,7 @@ def _with_model_path(load, net, params, model_path, net_path, kwargs):
         return load(net, params, **kwargs)
     except CaffeFormatError as e:
         if e.path is None or e.path == "<net>":
-            about_params = e.field in ("blobs", "params") or e.reason.startswith("shape")
+            about_params = isinstance(e, ParamMismatchError)
             where = model_path if (about_params and model_path is not None) else net_path
             raise type(e)(e.reason, path=where, layer=e.layer, field=e.field) from None
         raise
@@ -90,7 +90,8 @@ def _warn_unused(net, stored, model_path, phase: str) -> None:
 def _check_filler_budget(_net, net, kwargs: dict, budget: int, path) -> None:
     """Refuse fillers that would allocate more parameter bytes than the budget."""
     module = _net.build_module(net, phase=kwargs.get("phase", "TEST"),
-                               path=path if path is not None else "<net>")
+                               path=path if path is not None else "<net>",
+                               outputs=kwargs.get("outputs"))
     try:
         _net.example_inputs(module, kwargs.get("input_shape"))
     except ValueError:

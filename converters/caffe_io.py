@@ -676,6 +676,8 @@ def build_caffemodel(params: Mapping[str, Mapping[str, Any]], net) -> bytes:
         if not entry:
             continue
         names = list(PARAM_NAMES.get(layer.type, ()))
+        if not names and len(entry) == 1:  # a layer type the format does not name: one blob
+            names = list(entry)
         extras = sorted(k for k in entry if k not in names)
         generic = sorted(extras, key=lambda k: int(k[4:]) if k[4:].isdigit() else 1 << 30)
         if any(not k.startswith("blob") for k in generic):

@@ -45,6 +45,24 @@ class CaffeFormatError(ValueError):
         parts.append(_clean(message))
         super().__init__(": ".join(parts))
 
+    def with_context(self, *, path: str | os.PathLike | None = None, layer: str | None = None,
+                     field: str | None = None) -> CaffeFormatError:
+        """The same error (same type) with the file, layer or field filled in where it
+        named none; ``self`` when nothing changes."""
+        new = (self.path if self.path is not None else path,
+               self.layer if self.layer is not None else layer,
+               self.field if self.field is not None else field)
+        if new == (self.path, self.layer, self.field):
+            return self
+        err = type(self)(self.reason, path=new[0], layer=new[1], field=new[2])
+        err.__cause__ = self.__cause__
+        return err
+
 
 class UnsupportedLayerError(CaffeFormatError):
     """The net uses a layer type fcn-jax does not implement."""
+
+
+class ParamMismatchError(CaffeFormatError):
+    """Stored weights (a caffemodel's blobs, a params tree) do not fit the net: the error is
+    about the weights' file, not the net definition."""

@@ -438,8 +438,8 @@ def layer_experiments(fcn: dict, img: np.ndarray, rounds: int) -> list[dict]:
     """Each CaffeNet layer at 451x451 in the formulations tried (ms, median)."""
     from jax import lax
 
-    from fcn_jax import fast as F
     from fcn_jax import layers as L
+    from fcn_jax import nhwc as F
 
     p = jax.device_put(fcn)
     x = F.to_nhwc(jnp.asarray(img))

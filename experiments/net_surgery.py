@@ -36,8 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import converters
-from converters import fcn as F
 from fcn_jax import CaffeNet, caffenet_prototxt, dense, surgery, viz
+from fcn_jax import netdef as F
 from fcn_jax.io_utils import atomic_save_json, atomic_savefig
 from fcn_jax.net import blob_names
 from fcn_jax.preprocess import caffe_transformer, imagenet_mean_bgr, load_image, preprocess

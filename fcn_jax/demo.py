@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 
 import converters
-from converters import fcn as fcn_net
 
+from . import netdef as fcn_net
 from .caffenet import CAFFENET_WIDTHS, CaffeNet, caffenet_prototxt
 
 #: The tutorial's single-convolution net (Caffe's examples/net_surgery/conv.prototxt).
@@ -367,7 +367,7 @@ def crop_check(clf_net: Any, clf_params: Mapping, x: np.ndarray, prob: np.ndarra
     dense_prob = prob[:, :gh, :gw]
     agree = float((crop_prob.argmax(0) == dense_prob.argmax(0)).mean())
     rel = float(np.abs(crop_prob - dense_prob).max() / np.abs(crop_prob).max())
-    emit(f"\ncell (i, j) vs the classifier on the {windows.window[0]}x{windows.window[1]} crop "
+    emit(f"\ncell (i, j) vs the classifier on the {windows.size[0]}x{windows.size[1]} crop "
          f"at ({windows.stride[0]} i, {windows.stride[1]} j), {gh}x{gw} cells: argmax agrees "
          f"at {agree:.0%} of cells, max rel diff of prob {rel:.2e}\n  (not 0: CaffeNet's "
          "padded conv2..conv5 see zeros at a crop's border where the full image has "

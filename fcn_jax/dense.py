@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from converters import fcn as fcn_net
+from . import netdef
+from .layer_table import LayerSpec, compile_net, given_input_shapes, walk_windows
 
 Array = Any
 
@@ -65,124 +66,79 @@ def dense_apply(module: Any, outputs: Sequence[str] | None = ("prob",)) -> Calla
 
 
 @dataclasses.dataclass(frozen=True)
-class ReceptiveField:
-    """Input window of output cell (i, j): rows ``[offset + stride*i, ... + size)`` (H, W).
+class CellWindows:
+    """The input window of every output cell: cell (i, j) sees rows
+    ``[offset + stride * i, ... + size)`` and columns likewise (H, W pairs).
 
-    ``offset`` is negative when padding reaches outside the image.
+    One class for the three readings: a receptive field (:func:`receptive_field`; ``offset``
+    negative where padding reaches outside the image), the classifier-crop reading
+    (:func:`classifier_window`: the tutorial's 227 px crop every 32 px) and the training
+    window (``fcn_jax.train.window_geometry``).
     """
 
     size: tuple[int, int]
     stride: tuple[int, int]
-    offset: tuple[int, int]
+    offset: tuple[int, int] = (0, 0)
 
     def window(self, i: int, j: int) -> tuple[int, int, int, int]:
-        """``(y0, x0, y1, x1)``, end exclusive, in input pixels (may exceed the image)."""
+        """``(y0, x0, y1, x1)`` of cell (i, j), end exclusive (may exceed the image)."""
         y0 = self.offset[0] + self.stride[0] * i
         x0 = self.offset[1] + self.stride[1] * j
         return y0, x0, y0 + self.size[0], x0 + self.size[1]
 
+    window_of = window
 
-@dataclasses.dataclass(frozen=True)
-class CellWindows:
-    """The classifier-crop reading: cell (i, j) <-> crop ``[stride*i, stride*i + window)``."""
-
-    window: tuple[int, int]
-    stride: tuple[int, int]
-    offset: tuple[int, int] = (0, 0)
-
-    def window_of(self, i: int, j: int) -> tuple[int, int, int, int]:
-        """``(y0, x0, y1, x1)`` of cell (i, j), end exclusive."""
-        y0 = self.offset[0] + self.stride[0] * i
-        x0 = self.offset[1] + self.stride[1] * j
-        return y0, x0, y0 + self.window[0], x0 + self.window[1]
+    def windows(self, out_hw: tuple[int, int]) -> np.ndarray:
+        """Every cell's window as an ``(h, w, 4)`` float64 array ``[x0, y0, x1, y1]``."""
+        h, w = out_hw
+        y0 = self.offset[0] + self.stride[0] * np.arange(h, dtype=np.float64)
+        x0 = self.offset[1] + self.stride[1] * np.arange(w, dtype=np.float64)
+        yy, xx = np.meshgrid(y0, x0, indexing="ij")
+        return np.stack([xx, yy, xx + self.size[1], yy + self.size[0]], axis=-1)
 
     def grid(self, image_hw: Sequence[int]) -> tuple[int, int]:
-        """How many cells per axis have their crop fully inside an ``image_hw`` image."""
-        return tuple(max(0, (int(image_hw[a]) - self.offset[a] - self.window[a])
+        """How many cells per axis have their window fully inside an ``image_hw`` image."""
+        return tuple(max(0, (int(image_hw[a]) - self.offset[a] - self.size[a])
                          // self.stride[a] + 1) for a in range(2))
 
 
-# (start, jump, size) per spatial axis: input pixel of the first unit's window, distance
-# between neighbouring units in input pixels, window size in input pixels.
-_Geo = tuple[tuple[int, int, int], tuple[int, int, int]]
+#: The receptive-field reading of :class:`CellWindows` (same class).
+ReceptiveField = CellWindows
 
 
-def _full(g: _Geo, hw: Sequence[int]) -> _Geo:
-    """The geometry of a unit that sees a whole ``hw`` bottom."""
-    return tuple((s, j * hw[a], z + (hw[a] - 1) * j) for a, (s, j, z) in enumerate(g))
+def _layers_and_inputs(net: Any, input_shape: Any) -> tuple[tuple, dict]:
+    """Compiled layers and input shapes of a NetParameter, prototxt path, module or layers."""
+    layers = getattr(net, "layers", net)
+    if isinstance(layers, (tuple, list)) and all(isinstance(s, LayerSpec) for s in layers):
+        layers = tuple(layers)
+        given = given_input_shapes(layers)
+        if isinstance(input_shape, dict):
+            given.update(input_shape)
+        elif input_shape is not None:
+            given[next(iter(given))] = tuple(input_shape)
+        return layers, {k: tuple(v) for k, v in given.items() if v is not None}
+    net = netdef.as_net(net)
+    return compile_net(net), netdef.input_shapes(net, input_shape)
 
 
-def _union(geos: Sequence[_Geo], layer: str) -> _Geo:
-    out = []
-    for a in range(2):
-        jumps = {g[a][1] for g in geos}
-        if len(jumps) != 1:
-            raise ValueError(f"{layer}: bottoms have different strides {sorted(jumps)}")
-        start = min(g[a][0] for g in geos)
-        end = max(g[a][0] + g[a][2] for g in geos)
-        out.append((start, jumps.pop(), end - start))
-    return tuple(out)
-
-
-def receptive_field(net: Any, blob: str | None = None, input_shape: Any = None
-                    ) -> ReceptiveField:
+def receptive_field(net: Any, blob: str | None = None, input_shape: Any = None, *,
+                    sliding: bool = False) -> ReceptiveField:
     """The receptive field of ``blob``'s cells (default: the net's last top), composed along
-    every path from the input: ``size += dilation*(kernel-1)*jump``, ``start -= pad*jump``,
-    ``jump *= stride``; an InnerProduct, Flatten or global pooling sees its whole bottom;
-    several bottoms take the union. Deconvolution and spatial Concat/Slice are not supported.
-    """
-    net = fcn_net.as_net(net)
-    shapes = fcn_net.blob_shapes(net, input_shape)
-    geo: dict[str, _Geo] = {}
-    layers = fcn_net._ordered(net)
-    for lp in layers:
-        if lp.type in fcn_net.INPUT_TYPES:
-            for t in lp.top:
-                geo[t] = ((0, 1, 1), (0, 1, 1))
-            continue
-        used = lp.bottom[:1] if lp.type == "Crop" else lp.bottom  # bottom[1]: shape only
-        bottoms = [geo[b] for b in used if b in geo]
-        if not bottoms:
-            continue
-        g = _union(bottoms, lp.name) if len(bottoms) > 1 else bottoms[0]
-        t = lp.type
-        bshape = shapes[lp.bottom[0]]
-        if t in ("Convolution", "Pooling"):
-            k = fcn_net.layer_geometry(lp)
-            if k.global_pooling:
-                g = _full(g, bshape[2:])
-            else:
-                g = tuple((s - k.pad[a] * j, j * k.stride[a],
-                           z + k.dilation[a] * (k.kernel[a] - 1) * j)
-                          for a, (s, j, z) in enumerate(g))
-        elif t in ("InnerProduct", "Flatten") and len(bshape) == 4:
-            g = _full(g, bshape[2:])
-        elif t == "LRN" and lp.lrn_param.norm_region == 1:  # WITHIN_CHANNEL
-            r = (lp.lrn_param.local_size - 1) // 2
-            g = tuple((s - r * j, j, z + 2 * r * j) for s, j, z in g)
-        elif t == "Crop":
-            axis = lp.crop_param.axis % 4
-            offs = list(lp.crop_param.offset)
-            g = list(g)
-            for a in range(2):
-                if 2 + a >= axis and offs:
-                    off = offs[0] if len(offs) == 1 else offs[2 + a - axis]
-                    s, j, z = g[a]
-                    g[a] = (s + off * j, j, z)
-            g = tuple(g)
-        elif t == "Deconvolution":
-            raise ValueError(f"{lp.name}: receptive fields through Deconvolution are not "
-                             "supported")
-        elif t in ("Concat", "Slice"):
-            p = lp.concat_param if t == "Concat" else lp.slice_param
-            if p.axis % 4 not in (0, 1):
-                raise ValueError(f"{lp.name}: spatial {t} is not supported")
-        for top in lp.top:
-            geo[top] = g
-    name = blob or layers[-1].top[0]
+    every path from the input by each layer record's window rule: through a kernel,
+    ``size += dilation*(kernel-1)*jump``, ``start -= pad*jump``, ``jump *= stride``; an
+    InnerProduct, Flatten or global pooling sees its whole bottom; several bottoms take the
+    union. ``net``: a NetParameter, prototxt path, module or compiled layers. ``sliding``:
+    refuse a blob whose cells have seen a whole bottom (a classifier's). Deconvolution and
+    spatial Concat/Slice are not supported."""
+    layers, inputs = _layers_and_inputs(net, input_shape)
+    geo = walk_windows(layers, inputs)
+    name = blob or next(t for s in reversed(layers) for t in s.tops)
     if name not in geo:
         raise KeyError(f"no blob {name!r} reachable from the input")
-    g = geo[name]
+    g, slides = geo[name]
+    if sliding and not slides:
+        raise ValueError(f"the cells of {name!r} see a whole bottom (InnerProduct, Flatten "
+                         "or global pooling on the way): they do not slide")
     return ReceptiveField(size=(g[0][2], g[1][2]), stride=(g[0][1], g[1][1]),
                           offset=(g[0][0], g[1][0]))
 
@@ -191,14 +147,14 @@ def classifier_window(net: Any, classifier_shape: Any = None) -> CellWindows:
     """The tutorial's cell <-> crop reading for a classifier ``net``: window = its input
     (H, W) (or ``classifier_shape``), stride = the jump at the bottom of its first
     InnerProduct (CaffeNet: 227 px at stride 32)."""
-    net = fcn_net.as_net(net)
-    plan = fcn_net.fully_conv_plan(net, classifier_shape, suffix="")
+    net = netdef.as_net(net)
+    plan = netdef.fully_conv_plan(net, classifier_shape, suffix="")
     if not plan.casts:
         raise ValueError("the net has no InnerProduct layer: not a classifier")
-    shapes = fcn_net.input_shapes(net, classifier_shape)
+    shapes = netdef.input_shapes(net, classifier_shape)
     (h, w) = next(iter(shapes.values()))[2:]
     rf = receptive_field(net, plan.casts[0].bottom, classifier_shape)
-    return CellWindows(window=(int(h), int(w)), stride=rf.stride)
+    return CellWindows(size=(int(h), int(w)), stride=rf.stride)
 
 
 # ----------------------------------------------------------------------------- crops

@@ -5,7 +5,7 @@ batch and it returns ``{blob: numpy array}`` for the requested blobs, exactly th
 net gives for that batch. Behind it:
 
 * **weights laid out once**: convolution weights are rearranged for the NHWC fast path
-  (``fcn_jax.fast``) and put on the device(s) once, not on every call;
+  (``fcn_jax.nhwc``) and put on the device(s) once, not on every call;
 * **shape buckets**: an image of size ``h x w`` is zero-padded to a bucket shape (each side
   rounded up to a multiple of ``spatial_step``) and the true sizes travel with it as traced
   integers; every layer masks the cells beyond them (zeros before a convolution, the lowest
@@ -44,9 +44,10 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from . import fast as F
+from . import nhwc as F
 from . import xla
-from .net import INPUT_TYPES, CaffeGraph, LayerSpec, compile_net, param_shapes, run_graph
+from .layer_table import LayerSpec, given_input_shapes, layer_type, param_shapes
+from .net import run_graph
 
 Array = jax.Array
 
@@ -63,14 +64,6 @@ __all__ = [
     "use_fast_cpu_flags",
 ]
 
-#: Layer types whose output cell (i, j) depends only on a window around input cell (i, j) in
-#: the way ``run_graph`` can mask (see ``net.run_graph``): nets made of these can be padded.
-_BUCKETABLE = frozenset({
-    "Convolution", "Deconvolution", "Pooling", "LRN", "ReLU", "Dropout", "Sigmoid", "TanH",
-    "AbsVal", "BNLL", "Power", "ELU", "Exp", "Log", "Threshold", "PReLU", "Split", "Eltwise",
-    "Softmax", "Concat", "BatchNorm", "Scale", "Bias", "Silence", "ArgMax", "Crop"})
-
-
 def _as_flag(name: str, value: Any) -> str:
     """An ``XLA_FLAGS`` entry for a debug option as ``jax.jit``'s ``compiler_options`` take it
     (enum names lose their ``LIBRARY_FUSION_TYPE_`` prefix, booleans are lower case)."""
@@ -79,7 +72,7 @@ def _as_flag(name: str, value: Any) -> str:
     return f"--{name}={str(value).removeprefix('LIBRARY_FUSION_TYPE_').lower()}"
 
 
-#: ``fcn_jax.xla.CPU_OPTIONS`` (the kernel choice measured fastest, experiments/README.md) as
+#: ``fcn_jax.xla.CPU_OPTIONS`` (the per-function kernel choice) as
 #: process-wide ``XLA_FLAGS``, for a plain ``jax.jit``.
 FAST_CPU_XLA_FLAGS = tuple(_as_flag(k, v) for k, v in xla.CPU_OPTIONS.items())
 
@@ -105,43 +98,20 @@ def use_fast_cpu_flags() -> bool:
 
 
 def module_layers(module: Any) -> tuple[LayerSpec, ...]:
-    """The compiled layers of a ``CaffeGraph``, or of a ``CaffeNet``'s deploy prototxt
-    (same params tree, same blob names)."""
-    if isinstance(module, CaffeGraph):
-        return module.layers
-    from .caffenet import CaffeNet, caffenet_prototxt
-
-    if isinstance(module, CaffeNet):
-        import converters
-
-        text = caffenet_prototxt(fully_conv=module.fully_conv, widths=tuple(module.widths),
-                                 num_classes=module.num_classes)
-        return compile_net(converters.parse_prototxt(text))
-    raise TypeError(f"expected a CaffeGraph or CaffeNet, got {type(module).__name__}")
+    """The compiled layers of a ``CaffeGraph`` or ``CaffeNet`` (both hold them)."""
+    layers = getattr(module, "layers", None)
+    if not isinstance(layers, tuple):
+        raise TypeError(f"expected a CaffeGraph or CaffeNet, got {type(module).__name__}")
+    return layers
 
 
 def supports_buckets(layers: Sequence[LayerSpec]) -> bool:
-    """Whether zero-padding the input to a bucket shape keeps the net's outputs exact
-    (every layer is local in space and maskable: no InnerProduct on 4-D blobs, no Flatten,
-    no BatchNorm with batch statistics...)."""
+    """Whether zero-padding the input to a bucket shape keeps the net's outputs exact:
+    every layer's record can run on padded buckets (local in space and maskable: no
+    InnerProduct on 4-D blobs, no Flatten, no BatchNorm with batch statistics...)."""
     for s in layers:
-        if s.type in INPUT_TYPES:
-            continue
-        c = s.cfg
-        if s.type not in _BUCKETABLE:
-            return False
-        if s.type in ("Softmax", "Concat") and c["axis"] not in (1, -3):
-            return False
-        if s.type == "ArgMax" and c["axis"] not in (1, -3):
-            return False
-        if s.type == "BatchNorm" and c["use_global_stats"] is False:
-            return False
-        if s.type in ("Scale", "Bias") and (len(s.bottoms) > 1 or c["axis"] not in (1, -3)):
-            return False
-        if s.type in ("Convolution", "Deconvolution", "Pooling") and len(
-                c.get("kernel", (0, 0))) != 2:
-            return False
-        if s.type == "Crop" and c["axis"] % 4 == 0:
+        rec = layer_type(s.type, layer=s.name)
+        if not rec.is_input and not rec.can_pad(s):
             return False
     return True
 
@@ -176,11 +146,10 @@ def data_parallel_mesh(devices: Sequence[Any] | int | None = None) -> Mesh:
 def prepare_params(layers: Sequence[LayerSpec], params: Mapping[str, Mapping[str, Any]], *,
                    dtype: Any = jnp.float32) -> dict[str, dict[str, Any]]:
     """``params`` in the layout the fast path runs on, as device arrays of ``dtype``:
-    weights of convolutions that ``fast.conv_nhwc`` runs as ``lax.conv_general_dilated`` become
+    weights of convolutions that ``nhwc.conv_nhwc`` runs as ``lax.conv_general_dilated`` become
     per-group HWIO kernels; dot-formulated layers (1x1, deep kernels, InnerProduct) keep
-    Caffe's layout: the dot reads it untransposed. (A pre-transposed ``(K, O)`` copy ran the
-    whole net ~4% faster, but its rows then depended on the batch size in the last bits, and
-    sharded runs no longer equalled one device bit for bit; experiments/README.md.)"""
+    Caffe's layout: the dot reads it untransposed, so that each row of a result does not
+    depend on the batch size and a sharded run equals one device bit for bit."""
     out: dict[str, dict[str, Any]] = {}
     for s in layers:
         if s.name not in params:
@@ -233,11 +202,12 @@ class CompiledForward:
                  mesh: Mesh | None = None, buckets: bool = True,
                  compiler_options: Mapping[str, Any] | None = None):
         self.layers = module_layers(module)
-        names = [t for s in self.layers if s.type in INPUT_TYPES for t in s.tops]
+        names = list(given_input_shapes(self.layers))
         if len(names) != 1:
             raise ValueError(f"compile_forward needs a net with one input, got {names}")
         self.input_name = names[0]
-        last = [s for s in self.layers if s.type not in INPUT_TYPES and s.tops][-1]
+        last = [s for s in self.layers
+                if not layer_type(s.type).is_input and s.tops][-1]
         self.outputs = tuple(outputs) if outputs is not None else (last.tops[-1],)
         self.dtype = jnp.dtype(dtype)
         self.precision = lax.Precision.HIGHEST if self.dtype == jnp.float32 else None
@@ -247,7 +217,8 @@ class CompiledForward:
             mesh = data_parallel_mesh(devices)
         self.mesh = mesh
         self._stats = _Stats()
-        self._check = _param_checker(params)
+        self._forward = _forward(self.layers, self.input_name, self.outputs, self.dtype,
+                                 check=_param_checker(params))
         prepared = prepare_params(self.layers, params, dtype=self.dtype)
         if mesh is not None:
             self._rep = NamedSharding(mesh, P())
@@ -265,16 +236,8 @@ class CompiledForward:
     def _traced(self, params, x, vh, vw):
         self._stats.compiles += 1
         self._stats.shapes.append(tuple(x.shape))
-
-        def get(spec, shapes):
-            self._check(spec, shapes)
-            return params.get(spec.name, {})
-
-        valid = {self.input_name: (vh, vw)} if self.spatial else None
-        out, vs = run_graph(self.layers, get, {self.input_name: x.astype(self.dtype)},
-                            outputs=self.outputs, valid=valid, precision=self.precision)
-        out = {k: v.astype(jnp.float32) if v.dtype != jnp.float32 and jnp.issubdtype(
-            v.dtype, jnp.floating) else v for k, v in out.items()}
+        valid = (vh, vw) if self.spatial else None
+        out, vs = self._forward(params, x, valid)
         sizes = {k: jnp.stack(v, axis=1) for k, v in vs.items() if v is not None}
         return out, sizes
 
@@ -401,18 +364,32 @@ def compile_forward(module: Any, params: Mapping[str, Mapping[str, Any]], *,
                            buckets=buckets, compiler_options=compiler_options)
 
 
+def _forward(layers: Sequence[LayerSpec], input_name: str, outputs: Sequence[str] | None,
+             dtype: Any, check: Callable | None = None) -> Callable:
+    """``f(prepared_params, x, valid) -> ({blob: array}, {blob: valid size})``: the graph
+    executor on prepared params, float32 results."""
+    precision = lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+    def f(params, x, valid=None):
+        def get(spec, shapes):
+            if check is not None:
+                check(spec, shapes)
+            return params.get(spec.name, {})
+
+        out, vs = run_graph(layers, get, {input_name: jnp.asarray(x).astype(dtype)},
+                            outputs=outputs, precision=precision,
+                            valid=None if valid is None else {input_name: valid})
+        out = {k: v.astype(jnp.float32) if v.dtype != jnp.float32 and jnp.issubdtype(
+            v.dtype, jnp.floating) else v for k, v in out.items()}
+        return out, vs
+
+    return f
+
+
 def forward_fn(module: Any, *, outputs: Sequence[str] | None = None,
                dtype: Any = jnp.float32) -> Callable[[Any, Array], dict[str, Array]]:
     """A pure ``f(prepared_params, x) -> {blob: array}`` (NCHW in, NCHW out) to ``jax.jit``
     yourself, for params from :func:`prepare_params`."""
     layers = module_layers(module)
-    name = next(t for s in layers if s.type in INPUT_TYPES for t in s.tops)
-    precision = lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
-
-    def f(params, x):
-        out, _ = run_graph(layers, lambda s, _: params.get(s.name, {}),
-                           {name: jnp.asarray(x).astype(dtype)}, outputs=outputs,
-                           precision=precision)
-        return out
-
-    return f
+    fwd = _forward(layers, next(iter(given_input_shapes(layers))), outputs, dtype)
+    return lambda params, x: fwd(params, x)[0]

@@ -34,12 +34,13 @@ __all__ = [
     "batch_norm",
     "bias",
     "bilinear_filler",
-    "conv_output_size",
-    "conv_padding",
     "bnll",
     "concat",
+    "conv_output_size",
+    "conv_padding",
     "convolution",
     "crop",
+    "deconv_output_size",
     "deconvolution",
     "dropout",
     "eltwise",
@@ -309,15 +310,15 @@ def bilinear_filler(shape: Sequence[int]) -> np.ndarray:
 
 
 def pooling_output_size(
-    size: int,
+    size: Any,
     kernel: int,
     stride: int,
     pad: int,
     ceil_mode: bool = True,
     *,
     clip: bool | None = None,
-) -> int:
-    """Caffe's pooled size along one axis.
+) -> Any:
+    """Caffe's pooled size along one axis (ints or int arrays).
 
     ``out = ceil((size + 2*pad - kernel) / stride) + 1`` (``floor`` when ``ceil_mode`` is false,
     i.e. ``round_mode: FLOOR``). Then, if padding is present, the last window must start
@@ -330,9 +331,14 @@ def pooling_output_size(
     out = (-(-span // stride) if ceil_mode else span // stride) + 1
     if clip is None:
         clip = pad > 0
-    if clip and (out - 1) * stride >= size + pad:
-        out -= 1
+    if clip:
+        out = out - ((out - 1) * stride >= size + pad)
     return out
+
+
+def deconv_output_size(n: Any, kernel: int, stride: int, pad: int, dilation: int = 1) -> Any:
+    """Caffe's deconvolution output size ``s(n-1) + d(k-1) + 1 - 2p`` (ints or arrays)."""
+    return stride * (n - 1) + dilation * (kernel - 1) + 1 - 2 * pad
 
 
 def _ave_pool_counts(size: int, out: int, kernel: int, stride: int, pad: int) -> np.ndarray:

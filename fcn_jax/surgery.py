@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from converters import CaffeFormatError
-from converters import fcn as fcn_net
 
+from . import netdef as fcn_net
 from .layers import bilinear_filler
 
 Array = Any  # numpy or JAX array
@@ -173,7 +173,7 @@ def fc_to_conv(params: Params, net: Any, *, classifier_shape: Any = None,
     becomes ``(N, C, H, W)`` with (C, H, W) the shape of the layer's bottom blob in the
     classifier at ``classifier_shape`` (default: its Input shape) -- the same row-major
     memory, as the tutorial's ``conv.flat = fc.flat``. Keys get ``suffix`` (``fc6`` ->
-    ``fc6-conv``) to match ``converters.fcn.fully_convolutional_net(net, suffix=suffix)``.
+    ``fc6-conv``) to match ``fcn_jax.netdef.fully_convolutional_net(net, suffix=suffix)``.
     Other layers are passed through.
     """
     plan = fcn_net.fully_conv_plan(net, classifier_shape, suffix)
@@ -361,7 +361,7 @@ def fold_batchnorm(params: Params, net: Any) -> tuple[dict, Any]:
     ``W' = W * g`` per output channel and ``b' = (b - s*mean) * g + beta``. Computed in
     float64, rounded once to float32. Returns ``(new_params, new_net)``: the BatchNorm and
     Scale layers are gone and the folded layer has a bias and writes the chain's last top
-    (see ``converters.fcn.batchnorm_folds`` for which chains qualify).
+    (see ``fcn_jax.netdef.batchnorm_folds`` for which chains qualify).
     """
     folds = fcn_net.batchnorm_folds(net)
     new_net = fcn_net.fold_batchnorm_net(net, folds)

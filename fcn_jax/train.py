@@ -39,9 +39,10 @@ import converters
 from converters import CaffeFormatError
 
 from . import losses
-from .caffenet import CaffeNet, caffenet_prototxt, fc_names
+from .caffenet import CaffeNet, caffenet_net, fc_names
 from .checkpoint import load_checkpoint, save_checkpoint
-from .net import CaffeGraph, LayerSpec, compile_net, param_names
+from .dense import CellWindows, receptive_field
+from .layer_table import LayerSpec, given_input_shapes, param_names
 
 Array = jax.Array
 PathLike = str | os.PathLike
@@ -59,35 +60,17 @@ __all__ = [
 # ----------------------------------------------------------------------------- geometry
 
 
-@dataclasses.dataclass(frozen=True)
-class WindowGeometry:
-    """Input window of output cell (i, j): rows ``[offset_h + i * stride_h, ... + size_h)``,
-    columns likewise (CaffeNet: size 227, stride 32, offset 0)."""
-
-    size: tuple[int, int]
-    stride: tuple[int, int]
-    offset: tuple[int, int] = (0, 0)
-
-    def windows(self, out_hw: tuple[int, int]) -> np.ndarray:
-        """``(h, w, 4)`` float64 windows ``[x0, y0, x1, y1]`` (x1, y1 exclusive)."""
-        h, w = out_hw
-        y0 = self.offset[0] + self.stride[0] * np.arange(h, dtype=np.float64)
-        x0 = self.offset[1] + self.stride[1] * np.arange(w, dtype=np.float64)
-        yy, xx = np.meshgrid(y0, x0, indexing="ij")
-        return np.stack([xx, yy, xx + self.size[1], yy + self.size[0]], axis=-1)
+#: The training reading of ``dense.CellWindows`` (same class): cell (i, j) sees the input
+#: window the classifier would (CaffeNet: 227 px every 32 px, offset 0).
+WindowGeometry = CellWindows
 
 
 def _specs_of(model: Any) -> tuple[LayerSpec, ...]:
-    if isinstance(model, CaffeGraph):
-        return model.layers
-    if isinstance(model, CaffeNet):
-        if not model.fully_conv:
-            raise ValueError("a classifier CaffeNet has no dense map: use fully_conv=True")
-        text = caffenet_prototxt(fully_conv=True, widths=model.widths,
-                                 num_classes=model.num_classes)
-        return compile_net(converters.parse_prototxt(text))
-    if isinstance(model, (tuple, list)) and all(isinstance(s, LayerSpec) for s in model):
-        return tuple(model)
+    if isinstance(model, CaffeNet) and not model.fully_conv:
+        raise ValueError("a classifier CaffeNet has no dense map: use fully_conv=True")
+    layers = getattr(model, "layers", model)
+    if isinstance(layers, (tuple, list)) and all(isinstance(s, LayerSpec) for s in layers):
+        return tuple(layers)
     raise TypeError(f"cannot derive the layers of {type(model).__name__}")
 
 
@@ -107,44 +90,23 @@ def score_blob(model: Any) -> str:
 
 
 def window_geometry(model: Any, blob: str | None = None) -> WindowGeometry:
-    """The input window of each cell of ``blob`` (default :func:`score_blob`), from the net:
-    stride = product of strides; size = the input size whose output is one cell, i.e.
-    ``1 + sum_l (dilation_l (k_l - 1) - 2 pad_l) * stride_before_l`` (227 for CaffeNet)."""
+    """The input window of each cell of ``blob`` (default :func:`score_blob`): the input
+    size whose output is one cell (227 px for CaffeNet), at the product of the strides.
+
+    It is ``dense.receptive_field`` without the padding: ``size + 2 * offset``."""
     specs = _specs_of(model)
     blob = blob or score_blob(model)
-    geo: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {}  # blob -> (jump, size)
-    for s in specs:
-        if not s.bottoms:
-            for t in s.tops:
-                geo[t] = ((1, 1), (1, 1))
-            continue
-        src = next((geo[b] for b in s.bottoms if b in geo), None)
-        if src is None:
-            continue
-        jump, size = src
-        c = s.cfg
-        if s.type in ("Convolution", "Pooling"):
-            if c.get("global_pooling"):
-                raise ValueError(f"layer {s.name!r}: global pooling has no sliding window")
-            dil = c.get("dilation", (1, 1))
-            eff = [d * (k - 1) + 1 for d, k in zip(dil, c["kernel"], strict=True)]
-            size = tuple(v + (e - 1 - 2 * p) * j for v, e, p, j in
-                         zip(size, eff, c["pad"], jump, strict=True))
-            jump = tuple(j * st for j, st in zip(jump, c["stride"], strict=True))
-            if min(size) < 1:
-                raise ValueError(f"layer {s.name!r}: padding exceeds the kernel; pass an "
-                                 f"explicit WindowGeometry")
-        elif s.type in ("Deconvolution", "InnerProduct", "Crop", "Flatten", "Reshape"):
-            for t in s.tops:
-                geo.pop(t, None)
-            continue
-        for t in s.tops:
-            geo[t] = (jump, size)
-    if blob not in geo:
-        raise ValueError(f"blob {blob!r} has no sliding-window geometry (not produced by "
-                         f"convolution/pooling layers only); pass an explicit WindowGeometry")
-    jump, size = geo[blob]
-    return WindowGeometry(size=tuple(int(v) for v in size), stride=tuple(int(j) for j in jump))
+    inputs = {k: v or (1, 3, 1024, 1024) for k, v in given_input_shapes(specs).items()}
+    try:
+        rf = receptive_field(specs, blob, inputs, sliding=True)
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"blob {blob!r} has no sliding-window geometry ({e}); a classifier "
+                         "must first be cast to a fully convolutional net (fcn-jax fcn, "
+                         "converters.fully_convolutional_net)") from None
+    size = tuple(int(z + 2 * o) for z, o in zip(rf.size, rf.offset, strict=True))
+    if min(size) < 1:
+        raise ValueError(f"blob {blob!r}: padding exceeds the kernels, no window fits")
+    return WindowGeometry(size=size, stride=tuple(int(j) for j in rf.stride))
 
 
 def output_hw(model: nn.Module, params: Params, input_hw: tuple[int, int],
@@ -595,12 +557,11 @@ def restore_train_state(path: PathLike, template: TrainState) -> tuple[TrainStat
 
 
 def model_net(module: nn.Module, input_shape: Sequence[int] = (1, 3, 227, 227)) -> Any:
-    """The NetParameter of a ``CaffeNet`` configuration (its deploy prototxt)."""
+    """The NetParameter of a ``CaffeNet`` configuration (its deploy net)."""
     if not isinstance(module, CaffeNet):
         raise TypeError("model_net needs a CaffeNet; for a Caffe graph use its prototxt")
-    return converters.parse_prototxt(caffenet_prototxt(
-        fully_conv=module.fully_conv, widths=tuple(module.widths),
-        num_classes=module.num_classes, input_shape=tuple(input_shape)))
+    return caffenet_net(fully_conv=module.fully_conv, widths=tuple(module.widths),
+                        num_classes=module.num_classes, input_shape=tuple(input_shape))
 
 
 def export_caffemodel(path: PathLike, params: Params, net: Any) -> None:

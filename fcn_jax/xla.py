@@ -1,11 +1,10 @@
 """Per-compilation XLA options: the kernels that run Caffe nets fastest, chosen for each
 compiled function rather than for the whole process.
 
-On XLA:CPU (jaxlib 0.10) the default hands every convolution to YNNPACK, which runs
-CaffeNet's ``conv1`` (11x11, stride 4, 3 channels) 3-4x slower than XLA's own Eigen kernels
-at batch 10, and the other convolutions up to 1.4x slower; :data:`CPU_OPTIONS` keeps YNNPACK for
-dots only (``experiments/README.md`` has the measurements). They change which kernels run, not
-the precision (float32, ``Precision.HIGHEST``): results can differ in the last bits (another
+On XLA:CPU (jaxlib 0.10) the default hands every convolution to YNNPACK, which is slower
+than XLA's own Eigen kernels for CaffeNet's convolutions; :data:`CPU_OPTIONS` keeps YNNPACK
+for dots only (why, with the measurements: ``experiments/README.md``). They change which
+kernels run, not the precision (float32, ``Precision.HIGHEST``): results can differ in the last bits (another
 summation order), and every Caffe reference test passes with and without them.
 
 ``fcn_jax.jit(module.apply)`` is ``jax.jit`` with these options; the library's own compiled

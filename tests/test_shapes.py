@@ -40,8 +40,14 @@ def test_strided_kernel_overhanging_a_small_input(size, want):
     if want is None:
         with pytest.raises(converters.CaffeFormatError, match="conv1.*not positive"):
             blob_shapes(net)
-        with pytest.raises(converters.CaffeFormatError, match="conv1: convolution.*empty"):
-            converters.load_caffe(net)
+        with pytest.raises(converters.CaffeFormatError, match="conv1.*not positive"):
+            converters.load_caffe(net)  # the same rule (the layer's record) on both paths
+        x = jax.ShapeDtypeStruct((1, 3, size, size), "float32")
+        graph, _ = converters.load_caffe(net, input_shape=(1, 3, 64, 64))
+        params = {"conv1": {"weight": jax.ShapeDtypeStruct((4, 3, 11, 11), "float32"),
+                            "bias": jax.ShapeDtypeStruct((4,), "float32")}}
+        with pytest.raises(converters.CaffeFormatError, match="conv1.*empty"):
+            jax.eval_shape(lambda p, x: graph.apply({"params": p}, x), params, x)
         return
     module, _ = converters.load_caffe(net)
     x = jax.ShapeDtypeStruct((1, 3, size, size), "float32")

@@ -9,7 +9,8 @@ import os
 import numpy as np
 
 import converters
-from converters import fcn as fcn_net
+
+from .. import netdef as fcn_net
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -1,8 +1,8 @@
-"""Fast inference formulations of Caffe's layers: NHWC activations, convolutions as dots.
+"""NHWC formulations of Caffe's layers: NHWC activations, convolutions as dots.
 
 ``fcn_jax.layers`` is the readable, Caffe-exact reference on NCHW arrays. The functions here
 compute the same results (to float32 rounding; MAX pooling and ReLU bit for bit) in the
-formulations XLA runs fastest (see ``/work/shared/perf-notes.md`` and ``experiments/README.md``):
+formulations XLA runs fastest (why: ``experiments/README.md``):
 
 * activations are ``(N, H, W, C)`` (NHWC); weights stay in Caffe's shapes (``(O, C/g, kh, kw)``)
   and are rearranged inside the traced function, or once by :func:`prepare_conv_weight`
@@ -18,7 +18,8 @@ formulations XLA runs fastest (see ``/work/shared/perf-notes.md`` and ``experime
 Every function takes an optional ``valid`` pair ``(h, w)`` of traced int32 arrays of shape
 ``(N,)``: the true image size per example when a batch was zero-padded to a bucket shape.
 Cells beyond it are masked (zero for sums, lowest float for MAX) so that the cells inside
-compute exactly what the unpadded image gives; :func:`valid_after` says how the sizes shrink.
+compute exactly what the unpadded image gives; each layer's record in
+``fcn_jax.builtin_layers`` says how the sizes shrink (``valid_sizes``).
 """
 
 from __future__ import annotations
@@ -44,16 +45,14 @@ PATCHES_MIN_DEPTH = 4096
 PATCHES_MAX_BYTES = 1 << 30
 
 __all__ = [
+    "Blob",
     "PATCHES_MIN_DEPTH",
     "conv_nhwc",
-    "conv_output_size",
     "deconv_nhwc",
-    "deconv_output_size",
     "inner_product_nhwc",
     "lrn_nhwc",
     "mask_nhwc",
     "pool_nhwc",
-    "pool_output_size",
     "prepare_conv_weight",
     "relu",
     "to_nchw",
@@ -62,6 +61,44 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------- layout
+
+
+class Blob:
+    """One blob while a net runs: its NCHW array, its NHWC array, or both (converted on
+    demand and cached). Blobs that are not 4-D only ever have the NCHW (Caffe) form."""
+
+    __slots__ = ("_nchw", "_nhwc")
+
+    def __init__(self, nchw: Array | None = None, nhwc: Array | None = None):
+        self._nchw = nchw
+        self._nhwc = nhwc
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The Caffe (NCHW) shape."""
+        if self._nchw is not None:
+            return tuple(self._nchw.shape)
+        n, h, w, c = self._nhwc.shape
+        return (n, c, h, w)
+
+    @property
+    def is_4d(self) -> bool:
+        return len(self.shape) == 4
+
+    @property
+    def has_nhwc(self) -> bool:
+        """Whether the NHWC form exists already (element-wise layers keep the layout)."""
+        return self._nchw is None
+
+    def nchw(self) -> Array:
+        if self._nchw is None:
+            self._nchw = to_nchw(self._nhwc)
+        return self._nchw
+
+    def nhwc(self) -> Array:
+        if self._nhwc is None:
+            self._nhwc = to_nhwc(self._nchw)
+        return self._nhwc
 
 
 def to_nhwc(x: Array) -> Array:
@@ -89,26 +126,6 @@ def _dot_t(a: Array, w: Array, precision: Any) -> Array:
 # ----------------------------------------------------------------------------- valid sizes
 
 
-#: Caffe's convolution output size (C's truncating division; ints or int arrays).
-conv_output_size = L.conv_output_size
-
-
-def deconv_output_size(n: Any, kernel: int, stride: int, pad: int, dilation: int = 1) -> Any:
-    """Caffe's deconvolution output size ``s(n-1) + d(k-1) + 1 - 2p`` (ints or arrays)."""
-    return stride * (n - 1) + dilation * (kernel - 1) + 1 - 2 * pad
-
-
-def pool_output_size(n: Any, kernel: int, stride: int, pad: int, ceil_mode: bool = True,
-                     clip: bool = False) -> Any:
-    """``layers.pooling_output_size`` for Python ints or int arrays (``clip``: Caffe's rule
-    when any pad is non-zero)."""
-    span = n + 2 * pad - kernel
-    out = (-((-span) // stride) if ceil_mode else span // stride) + 1
-    if clip:
-        out = out - ((out - 1) * stride >= n + pad)
-    return out
-
-
 def mask_nhwc(x: Array, valid: Valid, fill: float) -> Array:
     """``x`` with every cell at row ``>= h[n]`` or column ``>= w[n]`` set to ``fill``."""
     if valid is None:
@@ -126,8 +143,8 @@ def mask_nhwc(x: Array, valid: Valid, fill: float) -> Array:
 def relu(x: Array, negative_slope: float = 0.0) -> Array:
     """Caffe ``ReLU``, ``max(x, 0) + slope * min(x, 0)``, written as the select
     ``x < 0 ? slope * x : x`` (the same values as ``layers.relu``). A select, unlike
-    ``maximum``, keeps XLA:CPU from fusing a chain of dots (fc6 -> fc7 -> fc8) into one slow
-    library call (see experiments/README.md)."""
+    ``maximum``, keeps XLA:CPU from fusing a chain of dots (fc6 -> fc7 -> fc8) into one
+    library call that runs them slowly."""
     neg = jnp.zeros_like(x) if negative_slope == 0.0 else x * jnp.asarray(negative_slope,
                                                                             x.dtype)
     return jnp.where(x < 0, neg, x)
@@ -149,8 +166,8 @@ def _conv_method(x_shape, w_shape, stride, pad, dilation, group) -> str:
     if (kh, kw) == (1, 1):
         return "dot"
     n, h, w, _ = x_shape
-    ho = conv_output_size(h, kh, stride[0], pad[0], dilation[0])
-    wo = conv_output_size(w, kw, stride[1], pad[1], dilation[1])
+    ho = L.conv_output_size(h, kh, stride[0], pad[0], dilation[0])
+    wo = L.conv_output_size(w, kw, stride[1], pad[1], dilation[1])
     depth = kh * kw * cg
     if depth >= PATCHES_MIN_DEPTH and n * ho * wo * depth * 4 <= PATCHES_MAX_BYTES:
         return "patches"
@@ -202,8 +219,8 @@ def conv_nhwc(x: Array, weight: Array | Sequence[Array], bias: Array | None = No
     if method in ("dot", "patches"):
         if any(p for lo_hi in padding for p in lo_hi):
             x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
-        ho = conv_output_size(x.shape[1], kh, stride[0], 0, dilation[0])
-        wo = conv_output_size(x.shape[2], kw, stride[1], 0, dilation[1])
+        ho = L.conv_output_size(x.shape[1], kh, stride[0], 0, dilation[0])
+        wo = L.conv_output_size(x.shape[2], kw, stride[1], 0, dilation[1])
         wins = _windows(x, kh, kw, stride, dilation, ho, wo)
         outs = []
         for g in range(group):
@@ -287,7 +304,7 @@ def pool_nhwc(x: Array, *, method: str = "MAX", kernel=(2, 2), stride=(1, 1), pa
     else:
         ks, ss, ps = _pair(kernel), _pair(stride), _pair(pad)
     clip = any(p > 0 for p in ps)
-    outs = tuple(pool_output_size(n, k, s, p, ceil_mode, clip)
+    outs = tuple(L.pooling_output_size(n, k, s, p, ceil_mode, clip=clip)
                  for n, k, s, p in zip((h, w), ks, ss, ps, strict=True))
     if min(outs) < 1:
         raise ValueError(f"pooling of {(h, w)} with kernel {ks} gives empty output {outs}")
@@ -366,8 +383,8 @@ def lrn_nhwc(x: Array, *, local_size: int = 5, alpha: float = 1.0, beta: float =
     else:
         raise ValueError(f"unknown LRN norm_region {norm_region!r}")
     if beta == 0.75:
-        # x * s ** -0.75 as x / sqrt(s * sqrt(s)): 4-8x faster on XLA:CPU, where pow does not
-        # vectorise; within 3 ulp of float64 (pow's formula: 1.8; experiments/README.md).
+        # x * s ** -0.75 as x / sqrt(s * sqrt(s)): XLA:CPU's pow does not vectorise; within
+        # 3 ulp of float64 (tests/test_nhwc.py).
         # Beyond s ~ 4.9e25, s * sqrt(s) overflows: there sqrt(s) * sqrt(sqrt(s))
         s15 = scale * jnp.sqrt(scale)
         big = jnp.sqrt(scale) * jnp.sqrt(jnp.sqrt(scale))

@@ -1,6 +1,8 @@
-"""fcn_jax.fast (NHWC fast-path ops) against float64 numpy and the reference layers."""
+"""fcn_jax.nhwc (NHWC fast-path ops) against float64 numpy and the reference layers."""
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -10,8 +12,8 @@ from conftest import DATA
 from test_layers import np_conv_caffe
 
 import converters
-from fcn_jax import fast as F
 from fcn_jax import layers as L
+from fcn_jax import nhwc as F
 from fcn_jax.net import run_graph
 
 RNG = np.random.default_rng(0)
@@ -138,14 +140,28 @@ def test_inner_product_matches_float64():
     np.testing.assert_allclose(np.asarray(yt), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
 
 
+def _caffe_pooled_size(n: int, k: int, s: int, p: int, ceil: bool) -> int:
+    """pooling_layer.cpp, written independently: windows start at -p, every s; ceil keeps a
+    last window that starts inside [-p, n + p - k] rounded up, then a window must start
+    strictly inside [0, n + p) when padded."""
+    span = n + 2 * p - k
+    out = (math.ceil(span / s) if ceil else math.floor(span / s)) + 1
+    if p > 0 and (out - 1) * s >= n + p:
+        out -= 1
+    return out
+
+
 def test_output_sizes_match_caffe_rules():
+    """One formula for Python ints (shape inference) and traced int arrays (bucket sizes)."""
     for n in range(5, 40):
         for k, s, p in ((3, 2, 0), (3, 2, 1), (2, 2, 0), (5, 3, 2)):
             for ceil in (True, False):
-                want = L.pooling_output_size(n, k, s, p, ceil, clip=p > 0)
-                got = F.pool_output_size(np.array([n]), k, s, p, ceil, p > 0)
-                assert int(got[0]) == want == F.pool_output_size(n, k, s, p, ceil, p > 0)
-        assert F.conv_output_size(n, 3, 2, 1, 2) == (n + 2 - 5) // 2 + 1
+                want = _caffe_pooled_size(n, k, s, p, ceil)
+                got = L.pooling_output_size(jnp.array([n]), k, s, p, ceil, clip=p > 0)
+                assert int(got[0]) == want == L.pooling_output_size(n, k, s, p, ceil,
+                                                                    clip=p > 0)
+        assert L.conv_output_size(n, 3, 2, 1, 2) == (n + 2 - 5) // 2 + 1
+        assert int(L.conv_output_size(jnp.array([n]), 3, 2, 1, 2)[0]) == (n + 2 - 5) // 2 + 1
 
 
 @pytest.mark.parametrize("op", ["conv", "conv_nopad", "pool_max", "pool_ave_pad", "lrn_within",
@@ -190,7 +206,7 @@ def test_valid_mask_gives_the_unpadded_result(op):
         else:
             np.testing.assert_allclose(got, y, rtol=1e-6, atol=1e-6)
     # the valid sizes the executor propagates are the unpadded output sizes
-    hs = F.pool_output_size(valid[0], 3, 2, 1, True, True)
+    hs = L.pooling_output_size(valid[0], 3, 2, 1, True, clip=True)
     assert [int(h) for h in hs] == [L.pooling_output_size(s[0], 3, 2, 1) for s in sizes]
 
 
