@@ -224,14 +224,14 @@ def border_effect(name: str, clf_net, params, x: np.ndarray, results: dict,
     fmod, fparams = converters.load_caffe(full, surgery.fc_to_conv(params, clf_net))
     win = dense.classifier_window(clf_net)
     gh, gw = win.grid(x.shape[2:])
-    crops = dense.cell_crops(x, win)[0].reshape((gh * gw,) + (x.shape[1],) + win.window)
+    crops = dense.cell_crops(x, win)[0].reshape((gh * gw,) + (x.shape[1],) + win.size)
     cmod, cparams = converters.load_caffe(clf_net, params, input_shape=(16,) + crops.shape[1:])
     ffwd = jax.jit(lambda p, x: fmod.apply({"params": p}, x, outputs=("prob", "fc8-conv")))
     cfwd = jax.jit(lambda p, c: cmod.apply({"params": p}, c, outputs=("prob", "fc8")))
     fb = ffwd(fparams, x)
     outs = [cfwd(cparams, crops[i:i + 16]) for i in range(0, len(crops), 16)]
     cb = {k: np.concatenate([np.asarray(o[k]) for o in outs]) for k in ("prob", "fc8")}
-    row = {"window": list(win.window), "stride": list(win.stride), "cells": gh * gw}
+    row = {"window": list(win.size), "stride": list(win.stride), "cells": gh * gw}
     for ours, theirs in (("fc8-conv", "fc8"), ("prob", "prob")):
         cells = np.asarray(fb[ours][0, :, :gh, :gw]).transpose(1, 2, 0).reshape(gh * gw, -1)
         row[f"{theirs}_max_rel_diff"] = rel_err(cells, cb[theirs])

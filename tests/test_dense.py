@@ -56,7 +56,7 @@ def test_caffenet_windows():
     assert rf == dense.ReceptiveField(size=(355, 355), stride=(32, 32), offset=(-64, -64))
     assert rf.window(1, 2) == (-32, 0, 323, 355)
     win = dense.classifier_window(DATA / "source" / "deploy.prototxt")
-    assert win == dense.CellWindows(window=(227, 227), stride=(32, 32))
+    assert win == dense.CellWindows(size=(227, 227), stride=(32, 32))
     assert win.window_of(7, 7) == (224, 224, 451, 451)
     assert win.grid((451, 451)) == (8, 8) and win.grid((500, 227)) == (9, 1)
     assert win.grid((226, 600)) == (0, 12)
@@ -118,7 +118,7 @@ def test_receptive_field_other_nets(name, blob, cell):
 
 
 def test_crop_helpers():
-    win = dense.CellWindows(window=(5, 4), stride=(3, 2))
+    win = dense.CellWindows(size=(5, 4), stride=(3, 2))
     x = np.arange(2 * 1 * 11 * 9).reshape(2, 1, 11, 9)
     np.testing.assert_array_equal(dense.crop_cell(x, 1, 2, win), x[..., 3:8, 4:8])
     crops = dense.cell_crops(x, win)
@@ -176,7 +176,7 @@ def test_pad0_fcn_cell_equals_classifier_on_crop(hw):
     x = np.random.default_rng(1).normal(size=(1, 3) + hw).astype(np.float32)
     blobs = jax.jit(fmod.apply)({"params": fparams}, x)
     win = dense.classifier_window(clf_net)
-    assert win == dense.CellWindows(window=(355, 355), stride=(32, 32))
+    assert win == dense.CellWindows(size=(355, 355), stride=(32, 32))
     gh, gw = win.grid(hw)
     assert blobs["fc8-conv"].shape[2] >= gh and blobs["fc8-conv"].shape[3] >= gw
     crops = dense.cell_crops(x, win)[0].reshape((gh * gw, 3, 355, 355))
