@@ -754,7 +754,8 @@ def _write_blob(blob, arr: Any, shape: tuple[int, ...], legacy: tuple[int, ...] 
     elif dtype == "float64":
         blob.double_data = arr.astype("<f8").tobytes()
     else:
-        half = arr.astype("<f2")
+        with np.errstate(over="ignore"):
+            half = arr.astype("<f2")
         over = np.isinf(half) & np.isfinite(arr)
         if over.any():
             where = tuple(int(i) for i in np.argwhere(over)[0])

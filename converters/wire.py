@@ -37,6 +37,7 @@ class BlobRef:
     offset: int
     nbytes: int
     dtype: str            # "<f4" (data, raw FLOAT), "<f8" (double_data, raw DOUBLE), "<f2"
+    source: str = "data"  # the field holding the values: data, double_data or raw_data
 
 
 class _Malformed(Exception):
@@ -151,13 +152,15 @@ def _blob(buf: memoryview, pos: int, end: int) -> BlobRef | None:
     shape, is_legacy = tuple(dims), dims is legacy
     # precedence of Caffe's (and NVCaffe's) Blob::FromProto: double_data, data, raw_data
     if double is not None and double[1] > double[0]:
-        return BlobRef(shape, is_legacy, double[0], double[1] - double[0], "<f8")
+        return BlobRef(shape, is_legacy, double[0], double[1] - double[0], "<f8",
+                       "double_data")
     if data is not None and data[1] > data[0]:
         return BlobRef(shape, is_legacy, data[0], data[1] - data[0], "<f4")
     if raw is not None:
         if raw_type not in RAW_DTYPES:
             return None  # no type, or INT/UINT: the full parser reports it
-        return BlobRef(shape, is_legacy, raw[0], raw[1] - raw[0], RAW_DTYPES[raw_type])
+        return BlobRef(shape, is_legacy, raw[0], raw[1] - raw[0], RAW_DTYPES[raw_type],
+                       "raw_data")
     return BlobRef(shape, is_legacy, 0, 0, "<f4")
 
 
@@ -215,8 +218,8 @@ def blob_array(raw: bytes | bytearray | memoryview, ref: BlobRef, *, path=None, 
                             memory_budget=memory_budget)
     itemsize = np.dtype(ref.dtype).itemsize
     if ref.nbytes % itemsize:
-        raise CaffeFormatError(f"data length {ref.nbytes} is not a multiple of {itemsize}",
-                               path=path, layer=layer, field=field)
+        raise CaffeFormatError(f"{ref.source} length {ref.nbytes} is not a multiple of "
+                               f"{itemsize}", path=path, layer=layer, field=field)
     n = ref.nbytes // itemsize
     if n != count:
         raise CaffeFormatError(f"holds {n} values but its shape {ref.dims} needs {count}",
