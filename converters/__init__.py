@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from ._load import load_caffe
 from .caffe_io import (
+    BLOB_DTYPES,
     PARAM_NAMES,
     build_caffemodel,
+    caffe_blob_shape,
     filter_net,
     format_prototxt,
     load_caffemodel,
@@ -26,9 +28,9 @@ from .errors import CaffeFormatError, ParamMismatchError, UnsupportedLayerError
 from .proto import caffe_pb2
 
 __all__ = [
-    "PARAM_NAMES", "CaffeFormatError", "ParamMismatchError", "UnsupportedLayerError",
-    "build_caffemodel",
-    "caffe_pb2", "filter_net", "format_prototxt", "load_caffe", "load_caffemodel",
+    "BLOB_DTYPES", "PARAM_NAMES", "CaffeFormatError", "ParamMismatchError",
+    "UnsupportedLayerError", "build_caffemodel", "caffe_blob_shape", "caffe_pb2", "filter_net",
+    "format_prototxt", "load_caffe", "load_caffemodel",
     "net_params", "param_names", "parse_caffemodel", "parse_prototxt", "read_caffemodel",
     "read_net", "read_prototxt", "resolve_memory_budget", "save_caffemodel", "upgrade_net",
     "write_prototxt",

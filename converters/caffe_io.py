@@ -364,46 +364,19 @@ def _parse(schema, raw: bytes, path: PathLike):
 def parse_caffemodel(raw: bytes, path: PathLike = "<bytes>"):
     """Parse caffemodel bytes; see ``read_caffemodel``.
 
-    Besides protobuf's own checks, refuses fields protobuf had to set aside as unknown
-    although the schema knows them (a wrong wire type, or an enum value Caffe does not
-    define): protobuf would otherwise silently use the field's default.
+    Protobuf's rules hold as in Caffe: a field whose wire type does not match the schema
+    is an unknown field and is skipped (a fork's field at a BVLC field number), as are
+    unknown field numbers. Refuses an enum value Caffe does not define (protobuf would
+    silently use the field's default) and text that is not UTF-8.
     """
-    net = _parse(caffe_fast_pb2, raw, path)
-    if _needs_exact_schema(net):
-        # unpacked floats, or packed data split into several chunks (protobuf concatenates
-        # them; the fast schema would keep only the last): parse with Caffe's exact schema
-        net = _parse(caffe_pb2, raw, path)
+    # the fast schema keeps only the last chunk of a packed array split in several, and
+    # cannot hold unpacked floats: the wire scanner says when Caffe's exact schema is needed
+    exact = wire.scan_caffemodel(raw) is None
+    net = _parse(caffe_pb2 if exact else caffe_fast_pb2, raw, path)
     check_wire_types(net, path)
     if not net.layer and not net.layers:
         raise CaffeFormatError("no layers: not a caffemodel, or an empty one", path=path)
     return upgrade_net(net, path)
-
-
-def _needs_exact_schema(net) -> bool:
-    """True when some blob's packed payload does not hold exactly its shape's values."""
-    for layer in list(net.layer) + list(net.layers):
-        for blob in layer.blobs:
-            dims = _blob_dims(blob)
-            if any(d < 0 for d in dims):
-                continue  # refused later with a clear message
-            count = math.prod(dims)
-            if blob.double_data:
-                have = len(blob.double_data) / 8
-            else:
-                have = len(blob.data) / 4
-            if have != count:
-                return True
-            if unknown_fields.UnknownFieldSet(blob) and any(
-                    u.field_number in (5, 6, 8, 9) for u in unknown_fields.UnknownFieldSet(blob)):
-                return True
-    return False
-
-
-def _type_name(fd) -> str:
-    for name, number in vars(type(fd)).items():
-        if name.startswith("TYPE_") and number == fd.type:
-            return name[5:].lower()
-    return "?"
 
 
 def _is_repeated(fd) -> bool:
@@ -412,23 +385,19 @@ def _is_repeated(fd) -> bool:
 
 
 def check_wire_types(net, path: PathLike = "<net>") -> None:
-    """Raise ``CaffeFormatError`` for a field that protobuf set aside as unknown although
-    the schema declares it: a wrong wire type (e.g. a flipped tag byte), or an enum value
-    outside Caffe's enum; and for text fields that are not UTF-8 (protobuf hands those out
-    as ``bytes``). Unknown field *numbers* (fields of Caffe forks) are allowed."""
+    """Raise ``CaffeFormatError`` for an enum value outside Caffe's enum (protobuf sets it
+    aside as unknown and would silently use the default) and for text fields that are not
+    UTF-8 (protobuf hands those out as ``bytes``). Unknown field numbers and fields whose
+    wire type does not match the schema (a fork's field at a BVLC number) are unknown
+    fields, skipped as protobuf and Caffe skip them."""
 
     def walk(msg, layer: str | None, where: str) -> None:
         desc = msg.DESCRIPTOR
         for u in unknown_fields.UnknownFieldSet(msg):
             fd = desc.fields_by_number.get(u.field_number)
-            if fd is None:
-                continue
-            if fd.type == fd.TYPE_ENUM and u.wire_type == 0:
-                reason = f"value {u.data} is not a valid {fd.enum_type.name}"
-            else:
-                reason = (f"wire type {u.wire_type} cannot hold a {_type_name(fd)} field "
-                          "(corrupt file)")
-            raise CaffeFormatError(reason, path=path, layer=layer, field=where + fd.name)
+            if fd is not None and fd.type == fd.TYPE_ENUM and u.wire_type == 0:
+                raise CaffeFormatError(f"value {u.data} is not a valid {fd.enum_type.name}",
+                                       path=path, layer=layer, field=where + fd.name)
         for fd, value in msg.ListFields():
             if fd.type == fd.TYPE_STRING:
                 values = value if _is_repeated(fd) else [value]
@@ -456,7 +425,7 @@ def check_wire_types(net, path: PathLike = "<net>") -> None:
 
 def _blob_dims(blob) -> tuple[int, ...]:
     """Caffe's ``Blob::FromProto``: the legacy 4-D dims when any is set, else ``shape``."""
-    if any(blob.HasField(f) for f in ("num", "channels", "height", "width")):
+    if _has_legacy_dims(blob):
         return tuple(int(d) for d in (blob.num, blob.channels, blob.height, blob.width))
     if blob.HasField("shape"):
         return tuple(int(d) for d in blob.shape.dim)
@@ -485,10 +454,32 @@ def check_blob_dims(dims: tuple[int, ...], *, path: PathLike | None = "<net>",
     return count
 
 
+def _blob_values(blob, path: PathLike, layer: str, field: str) -> tuple[Any, str, str]:
+    """The payload Caffe's (and NVCaffe's) ``Blob::FromProto`` reads: ``double_data`` if
+    non-empty, else ``data`` if non-empty, else NVCaffe's ``raw_data`` in its
+    ``raw_data_type``. Returns ``(values, numpy dtype, field name)``; ``values`` is bytes or
+    a repeated field."""
+    if len(blob.double_data):
+        return blob.double_data, "<f8", "double_data"
+    if len(blob.data) or not blob.HasField("raw_data"):
+        return blob.data, "<f4", "data"
+    if not blob.HasField("raw_data_type"):
+        raise CaffeFormatError("raw_data without raw_data_type", path=path, layer=layer,
+                               field=field)
+    kind = blob.raw_data_type
+    if kind not in wire.RAW_DTYPES:
+        kind_name = blob.DESCRIPTOR.fields_by_name["raw_data_type"].enum_type \
+            .values_by_number[kind].name
+        raise CaffeFormatError(f"raw_data_type {kind_name} is not a float type", path=path,
+                               layer=layer, field=field)
+    return blob.raw_data, wire.RAW_DTYPES[kind], "raw_data"
+
+
 def blob_to_array(blob, *, path: PathLike = "<net>", layer: str = "?", field: str = "blob",
                   memory_budget: int | None = None) -> np.ndarray:
     """A ``BlobProto`` as a float32 array in its stored shape, validated (Caffe's
-    ``Blob::FromProto``: ``double_data`` wins over ``data``).
+    ``Blob::FromProto``: ``double_data`` wins over ``data``; NVIDIA Caffe's ``raw_data``
+    (FLOAT16, FLOAT or DOUBLE) is read when both are empty, float16 converted exactly).
 
     Refuses zero or negative dims, more than 32 axes, shapes over the memory budget (before
     allocating) and data whose length disagrees with the shape. Legacy 4-D blobs keep their
@@ -497,15 +488,12 @@ def blob_to_array(blob, *, path: PathLike = "<net>", layer: str = "?", field: st
     dims = _blob_dims(blob)
     count = check_blob_dims(dims, path=path, layer=layer, field=field,
                             memory_budget=memory_budget)
-    data, double = blob.data, blob.double_data
-    use_double = len(double) > 0
-    values = double if use_double else data
+    values, dtype, name = _blob_values(blob, path, layer, field)
     if isinstance(values, bytes):
-        width = 8 if use_double else 4
+        width = np.dtype(dtype).itemsize
         if len(values) % width:
-            raise CaffeFormatError(f"{'double_data' if use_double else 'data'} length "
-                                   f"{len(values)} is not a multiple of {width}", path=path,
-                                   layer=layer, field=field)
+            raise CaffeFormatError(f"{name} length {len(values)} is not a multiple of "
+                                   f"{width}", path=path, layer=layer, field=field)
         size = len(values) // width
     else:
         size = len(values)
@@ -513,15 +501,19 @@ def blob_to_array(blob, *, path: PathLike = "<net>", layer: str = "?", field: st
         raise CaffeFormatError(f"holds {size} values but its shape {dims} needs {count}",
                                path=path, layer=layer, field=field)
     if isinstance(values, bytes):
-        arr = np.frombuffer(values, dtype="<f8" if use_double else "<f4")
+        arr = np.frombuffer(values, dtype=dtype)
     else:
-        arr = np.asarray(values, dtype=np.float64 if use_double else np.float32)
+        arr = np.asarray(values, dtype=np.float64 if dtype == "<f8" else np.float32)
     return arr.astype(np.float32, copy=False).reshape(dims)
+
+
+def _has_legacy_dims(blob) -> bool:
+    return any(blob.HasField(f) for f in ("num", "channels", "height", "width"))
 
 
 def _squeeze_legacy(layer_type: str, name: str, arr: np.ndarray, blob) -> np.ndarray:
     """Legacy 4-D V1 blobs in the modern shapes (see ``_squeeze_legacy_dims``)."""
-    return _squeeze_legacy_dims(layer_type, name, arr, not blob.HasField("shape"))
+    return _squeeze_legacy_dims(layer_type, name, arr, _has_legacy_dims(blob))
 
 
 def _squeeze_legacy_dims(layer_type: str, name: str, arr: np.ndarray,
@@ -648,20 +640,147 @@ def _looks_binary(head: bytes) -> bool:
 # ----------------------------------------------------------------------------- write
 
 
-def _array_blob(blob, arr: Any) -> None:
-    arr = np.ascontiguousarray(np.asarray(arr, dtype="<f4"))
-    blob.shape.dim.extend(arr.shape)
-    blob.data = arr.tobytes()
+#: ``save_caffemodel``'s ``dtype``: where each kind of value goes in a ``BlobProto``.
+#: float32 and float64 are BVLC Caffe's ``data`` and ``double_data``; float16 is NVIDIA
+#: Caffe's ``raw_data`` with ``raw_data_type: FLOAT16`` (OpenCV reads it; BVLC Caffe cannot).
+BLOB_DTYPES = ("float32", "float16", "float64")
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
-def build_caffemodel(params: Mapping[str, Mapping[str, Any]], net) -> bytes:
+def _blob_pattern(layer, name: str, ndim: int) -> tuple[int | None, ...] | None:
+    """The shape Caffe's ``LayerSetUp`` gives a parameter blob, as far as the layer's own
+    parameters fix it: ints where fixed, ``None`` where it depends on the bottom blobs;
+    ``None`` when even the number of axes does (or for types without a rule)."""
+    t = layer.type
+    if t in ("Convolution", "Deconvolution"):  # base_conv_layer.cpp
+        p = layer.convolution_param
+        if name == "bias":
+            return (int(p.num_output),)
+        if p.HasField("kernel_h") or p.HasField("kernel_w"):
+            kernel: tuple[int | None, ...] = (int(p.kernel_h) or None, int(p.kernel_w) or None)
+        elif len(p.kernel_size) > 1:
+            kernel = tuple(int(k) for k in p.kernel_size)
+        else:  # one kernel_size for every spatial axis; their number comes from the bottom
+            k = int(p.kernel_size[0]) if p.kernel_size else None
+            kernel = (k,) * max(ndim - 2, 1)
+        group = max(int(p.group), 1)
+        if t == "Convolution":  # (num_output, channels / group, *kernel)
+            return (int(p.num_output), None, *kernel)
+        per_group = int(p.num_output) // group if p.num_output % group == 0 else None
+        return (None, per_group, *kernel)  # (channels, num_output / group, *kernel)
+    if t == "InnerProduct":  # inner_product_layer.cpp: (N, K), or (K, N) transposed
+        n = int(layer.inner_product_param.num_output)
+        if name == "bias":
+            return (n,)
+        return (None, n) if layer.inner_product_param.transpose else (n, None)
+    if t == "Embed":  # embed_layer.cpp: weight (input_dim, num_output), bias (num_output,)
+        p = layer.embed_param
+        return (int(p.num_output),) if name == "bias" else (int(p.input_dim), int(p.num_output))
+    if t == "BatchNorm":  # batch_norm_layer.cpp: mean, variance (channels,); factor (1,)
+        return (1,) if name == "scale_factor" else (None,)
+    if t in ("Scale", "Bias"):  # scale_layer.cpp / bias_layer.cpp
+        if len(layer.bottom) != 1:
+            return None  # the bias spans the second bottom's axes
+        p = layer.scale_param if t == "Scale" else layer.bias_param
+        # bottom[0]'s shape from axis, num_axes of them; -1: to the end; 0: zero axes
+        return None if p.num_axes < 0 else (None,) * int(p.num_axes)
+    if t == "PReLU":  # prelu_layer.cpp: zero axes when channel_shared, else (channels,)
+        return () if layer.prelu_param.channel_shared else (None,)
+    return None
+
+
+def caffe_blob_shape(layer, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape Caffe gives parameter blob ``name`` of ``layer`` (a ``LayerParameter``)
+    when the array holding it has ``shape``: the array's own dims, with leading axes of
+    size 1 added or dropped to reach the number of axes Caffe's layer setup gives the blob
+    (zero for a ``channel_shared`` PReLU slope or a Scale/Bias with ``num_axes: 0``, one for
+    BatchNorm's scale factor, ...). Raises ``CaffeFormatError`` when the array cannot be
+    that blob (a different ``num_output``, kernel, or number of axes)."""
+    shape = tuple(int(d) for d in shape)
+    pattern = _blob_pattern(layer, name, len(shape))
+    if pattern is None:
+        return shape
+    fitted = shape
+    extra = len(shape) - len(pattern)
+    if extra > 0 and all(d == 1 for d in shape[:extra]):
+        fitted = shape[extra:]
+    elif extra < 0:
+        fitted = (1,) * -extra + shape
+    if len(fitted) != len(pattern) or any(p is not None and p != d
+                                          for p, d in zip(pattern, fitted, strict=True)):
+        want = "(" + ", ".join("?" if p is None else str(p) for p in pattern) + (
+            ",)" if len(pattern) == 1 else ")")
+        raise CaffeFormatError(f"shape {shape} cannot be Caffe's {want} for this "
+                               f"{layer.type} layer", layer=layer.name, field=name)
+    return fitted
+
+
+def _legacy_records(like, budget: int) -> dict[str, dict[int, tuple[int, ...]]]:
+    """The legacy 4-D shape records (num, channels, height, width) of a caffemodel's blobs,
+    by layer name and blob index; ``like`` is a caffemodel path or a ``NetParameter``."""
+    records: dict[str, dict[int, tuple[int, ...]]] = {}
+    if isinstance(like, (str, os.PathLike)):
+        _file_size(like, budget)
+        raw = _read_bytes(like, min(budget, PROTOBUF_LIMIT))
+        scan = wire.scan_caffemodel(raw)
+        if scan is not None:
+            plain = _parse(caffe_fast_pb2, scan[0], like)
+            for layer, refs in zip(list(plain.layer) or list(plain.layers), scan[1],
+                                   strict=True):
+                found = {j: r.dims for j, r in enumerate(refs) if r.legacy}
+                if found:
+                    records[layer.name] = found
+            return records
+        like = parse_caffemodel(raw, like)
+    for layer in list(like.layer) + list(like.layers):
+        found = {j: _blob_dims(b) for j, b in enumerate(layer.blobs) if _has_legacy_dims(b)}
+        if found:
+            records[layer.name] = found
+    return records
+
+
+def _write_blob(blob, arr: Any, shape: tuple[int, ...], legacy: tuple[int, ...] | None,
+                dtype: str, layer: str, name: str) -> None:
+    """Fill ``blob`` with ``arr``'s values in ``dtype`` and its shape record: the legacy
+    4-D fields when ``legacy`` is given, else ``shape`` (no record at all for zero axes,
+    as Caffe's ``Blob::ToProto`` writes it)."""
+    if legacy is not None:
+        blob.num, blob.channels, blob.height, blob.width = legacy
+    elif shape:
+        blob.shape.dim.extend(shape)
+    arr = np.asarray(arr)
+    if dtype == "float32":
+        blob.data = arr.astype("<f4").tobytes()
+    elif dtype == "float64":
+        blob.double_data = arr.astype("<f8").tobytes()
+    else:
+        with np.errstate(over="ignore"):
+            half = arr.astype("<f2")
+        over = np.isinf(half) & np.isfinite(arr)
+        if over.any():
+            where = tuple(int(i) for i in np.argwhere(over)[0])
+            raise CaffeFormatError(f"value {float(arr[where])} at {where} is beyond float16's "
+                                   f"range (±{_FLOAT16_MAX:g})", layer=layer, field=name)
+        blob.raw_data_type = caffe_fast_pb2.Type.values_by_name["FLOAT16"].number
+        blob.raw_data = half.tobytes()
+
+
+def build_caffemodel(params: Mapping[str, Mapping[str, Any]], net, *, like=None,
+                     dtype: str = "float32") -> bytes:
     """Serialise ``params`` into a V2 caffemodel for ``net`` (a NetParameter or prototxt path).
 
     Every layer of ``net`` is written with its definition; layers with entries in ``params``
-    get their blobs in Caffe's order. Unknown layer names or blob names raise.
+    get their blobs in Caffe's order, each with the shape record Caffe's layer setup gives
+    it (``caffe_blob_shape``). ``like`` (a caffemodel path or NetParameter, e.g. the file
+    the params were read from) keeps its legacy num/channels/height/width records for blobs
+    whose shape they still describe. ``dtype``: one of ``BLOB_DTYPES``. Unknown layer names
+    or blob names, and arrays that cannot be their blob, raise.
     """
+    if dtype not in BLOB_DTYPES:
+        raise ValueError(f"dtype must be one of {BLOB_DTYPES}, got {dtype!r}")
     if isinstance(net, (str, os.PathLike)):
         net = read_prototxt(net)
+    legacy = {} if like is None else _legacy_records(like, resolve_memory_budget())
     out = caffe_fast_pb2.NetParameter()
     out.name = net.name
     known = {layer.name for layer in net.layer}
@@ -684,14 +803,32 @@ def build_caffemodel(params: Mapping[str, Mapping[str, Any]], net) -> bytes:
             raise CaffeFormatError(f"unknown parameter names {generic} for type {layer.type}",
                                    layer=layer.name, field="params")
         order = [n for n in names if n in entry] + generic
-        for name in order:
-            _array_blob(dst.blobs.add(), entry[name])
+        records = legacy.get(layer.name, {})
+        for j, name in enumerate(order):
+            shape = caffe_blob_shape(layer, name, np.shape(entry[name]))
+            old = records.get(j)
+            keep = old is not None and len(shape) <= 4 and \
+                (1,) * (4 - len(shape)) + shape == old  # Caffe's ShapeEquals, legacy form
+            _write_blob(dst.blobs.add(), entry[name], shape, old if keep else None, dtype,
+                        layer.name, name)
     return out.SerializeToString()
 
 
-def save_caffemodel(path: PathLike, params: Mapping[str, Mapping[str, Any]], net) -> None:
-    """Write ``params`` as a V2 ``.caffemodel`` that Caffe loads, atomically (temp + rename)."""
-    data = build_caffemodel(params, net)
+def save_caffemodel(path: PathLike, params: Mapping[str, Mapping[str, Any]], net, *,
+                    like=None, dtype: str = "float32") -> None:
+    """Write ``params`` as a V2 ``.caffemodel`` that Caffe loads, atomically (temp + rename).
+
+    Each blob gets exactly the shape record Caffe gives it (see ``build_caffemodel``;
+    ``like=`` the source caffemodel keeps its legacy 4-D records). ``dtype="float16"``
+    writes NVIDIA Caffe's half-precision ``raw_data`` (read by OpenCV and NVCaffe, not by
+    BVLC Caffe); ``"float64"`` Caffe's ``double_data``.
+    """
+    try:
+        data = build_caffemodel(params, net, like=like, dtype=dtype)
+    except CaffeFormatError as e:
+        if e.path is not None:
+            raise
+        raise CaffeFormatError(e.reason, path=path, layer=e.layer, field=e.field) from None
     if len(data) > PROTOBUF_LIMIT:
         raise CaffeFormatError("model exceeds protobuf's 2 GiB limit", path=path)
     atomic_write_bytes(path, data)

@@ -7,8 +7,13 @@ Python (a few dozen fields), records where each blob's payload lies, and hands p
 the small remainder (layer definitions without blobs). Arrays are then ``np.frombuffer``
 views into the file's buffer: no per-element work and no extra copy of the weights.
 
-Anything unusual (unpacked floats, unknown wire types in a blob) returns ``None`` so the
-caller can fall back to a full protobuf parse, which handles or reports it.
+The scanner follows protobuf's rules exactly: a field whose wire type does not match the
+schema is an unknown field and is skipped; a second ``shape`` message merges into the first
+(its dims are appended); for scalars the last occurrence wins; ``int32`` fields keep the low
+32 bits of the varint. NVIDIA Caffe's ``raw_data`` (``raw_data_type`` FLOAT16, FLOAT or DOUBLE)
+is found like ``data``. Anything it does not read itself (unpacked floats, a payload in
+several chunks, an enum value outside Caffe's, raw_data without a usable type) returns
+``None`` so the caller falls back to a full protobuf parse, which handles or reports it.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ class BlobRef:
     legacy: bool          # shape from num/channels/height/width rather than BlobShape
     offset: int
     nbytes: int
-    dtype: str            # "<f4" (data) or "<f8" (double_data)
+    dtype: str            # "<f4" (data, raw FLOAT), "<f8" (double_data, raw DOUBLE), "<f2"
+    source: str = "data"  # the field holding the values: data, double_data or raw_data
 
 
 class _Malformed(Exception):
@@ -88,14 +94,26 @@ def _signed(v: int) -> int:
     return v - (1 << 64) if v >= 1 << 63 else v
 
 
+def _int32(v: int) -> int:
+    """Protobuf's int32 from a varint: the low 32 bits, two's complement."""
+    v &= 0xFFFFFFFF
+    return v - (1 << 32) if v >= 1 << 31 else v
+
+
+#: NVCaffe's ``Type`` enum values that hold floats, as numpy little-endian dtypes.
+RAW_DTYPES = {0: "<f8", 1: "<f4", 2: "<f2"}
+_TYPE_VALUES = range(5)  # DOUBLE, FLOAT, FLOAT16, INT, UINT
+
+
 def _blob(buf: memoryview, pos: int, end: int) -> BlobRef | None:
     dims: list[int] | None = None
     legacy = [0, 0, 0, 0]
     has_legacy = False
-    data = double = None
+    data = double = raw = None
+    raw_type = None
     for field, wt, _, vs, ve, value in _fields(buf, pos, end):
-        if field == 7 and wt == 2:  # BlobShape
-            dims = []
+        if field == 7 and wt == 2:  # BlobShape; a second one merges: dims append
+            dims = [] if dims is None else dims
             for f2, wt2, _, s2, e2, v2 in _fields(buf, vs, ve):
                 if f2 != 1:
                     continue
@@ -106,30 +124,44 @@ def _blob(buf: memoryview, pos: int, end: int) -> BlobRef | None:
                         dims.append(_signed(d))
                 elif wt2 == 0:
                     dims.append(_signed(v2))
-                else:
-                    return None
+                # any other wire type: an unknown field, skipped
         elif field in (1, 2, 3, 4) and wt == 0:
-            legacy[field - 1] = _signed(value)
+            legacy[field - 1] = _int32(value)
             has_legacy = True
-        elif field == 5:
-            if wt != 2 or data is not None:
-                return None  # unpacked, or packed in several chunks: the full parser
+        elif (field == 5 and wt == 5) or (field == 8 and wt == 1):
+            return None  # unpacked floats: the full parser
+        elif field == 5 and wt == 2:
+            if data is not None:
+                return None  # packed in several chunks: the full parser concatenates
             data = (vs, ve)
-        elif field == 8:
-            if wt != 2 or double is not None:
+        elif field == 8 and wt == 2:
+            if double is not None:
                 return None
             double = (vs, ve)
-        elif field in (1, 2, 3, 4, 5, 7, 8):
-            return None
+        elif field == 10 and wt == 0:
+            if value not in _TYPE_VALUES:
+                return None  # protobuf keeps it as unknown: the full parser reports it
+            raw_type = value
+        elif field == 12 and wt == 2:
+            raw = (vs, ve)  # optional bytes: the last occurrence wins
+        # every other field (diffs, fork fields, mismatched wire types) is skipped
     if has_legacy:  # Caffe's Blob::FromProto: legacy 4-D dims win over BlobShape
         dims = legacy
     elif dims is None:
         dims = []
-    if double is not None and double[1] > double[0]:  # Caffe: double_data wins
-        return BlobRef(tuple(dims), dims is legacy, double[0], double[1] - double[0], "<f8")
-    if data is not None:
-        return BlobRef(tuple(dims), dims is legacy, data[0], data[1] - data[0], "<f4")
-    return BlobRef(tuple(dims), dims is legacy, 0, 0, "<f4")
+    shape, is_legacy = tuple(dims), dims is legacy
+    # precedence of Caffe's (and NVCaffe's) Blob::FromProto: double_data, data, raw_data
+    if double is not None and double[1] > double[0]:
+        return BlobRef(shape, is_legacy, double[0], double[1] - double[0], "<f8",
+                       "double_data")
+    if data is not None and data[1] > data[0]:
+        return BlobRef(shape, is_legacy, data[0], data[1] - data[0], "<f4")
+    if raw is not None:
+        if raw_type not in RAW_DTYPES:
+            return None  # no type, or INT/UINT: the full parser reports it
+        return BlobRef(shape, is_legacy, raw[0], raw[1] - raw[0], RAW_DTYPES[raw_type],
+                       "raw_data")
+    return BlobRef(shape, is_legacy, 0, 0, "<f4")
 
 
 def _encode_varint(v: int) -> bytes:
@@ -177,21 +209,22 @@ def scan_caffemodel(raw: bytes | bytearray | memoryview
 
 def blob_array(raw: bytes | bytearray | memoryview, ref: BlobRef, *, path=None, layer=None,
                field=None, memory_budget: int | None = None) -> np.ndarray:
-    """The blob as a float32 array viewing ``raw`` (float64 payloads are converted), after
-    the same checks as ``caffe_io.blob_to_array`` (dims, budget, length)."""
+    """The blob as a float32 array viewing ``raw`` (float64/float16 payloads are converted,
+    exactly for float16), after the checks of ``caffe_io.blob_to_array`` (dims, budget,
+    length)."""
     from .caffe_io import check_blob_dims
 
     count = check_blob_dims(ref.dims, path=path, layer=layer, field=field,
                             memory_budget=memory_budget)
-    itemsize = 4 if ref.dtype == "<f4" else 8
+    itemsize = np.dtype(ref.dtype).itemsize
     if ref.nbytes % itemsize:
-        raise CaffeFormatError(f"data length {ref.nbytes} is not a multiple of {itemsize}",
-                               path=path, layer=layer, field=field)
+        raise CaffeFormatError(f"{ref.source} length {ref.nbytes} is not a multiple of "
+                               f"{itemsize}", path=path, layer=layer, field=field)
     n = ref.nbytes // itemsize
     if n != count:
         raise CaffeFormatError(f"holds {n} values but its shape {ref.dims} needs {count}",
                                path=path, layer=layer, field=field)
     arr = np.frombuffer(raw, dtype=ref.dtype, count=n, offset=ref.offset)
-    if itemsize == 8:
-        arr = arr.astype(np.float32)
+    if itemsize != 4:
+        arr = arr.astype(np.float32)  # float16 -> float32 is exact
     return arr.reshape(ref.dims)

@@ -350,12 +350,15 @@ def load_mean(path: str | os.PathLike) -> np.ndarray:
     return arr.astype(np.float64)
 
 
-# Minimal, strict protobuf wire-format reader for caffe.BlobProto:
+# Minimal protobuf wire-format reader for caffe.BlobProto, with protobuf's rules (a field
+# whose wire type does not match the schema is an unknown field, skipped; int32 keeps the
+# low 32 bits), strict about truncation and lengths:
 #   message BlobShape { repeated int64 dim = 1 [packed = true]; }
 #   message BlobProto {
 #     optional BlobShape shape = 7;
 #     repeated float data = 5 [packed = true];  repeated float diff = 6 [packed = true];
 #     repeated double double_data = 8 [packed = true];  repeated double double_diff = 9 [...];
+#     optional Type raw_data_type = 10; optional bytes raw_data = 12;  (NVIDIA Caffe)
 #     optional int32 num = 1; channels = 2; height = 3; width = 4;  (legacy 4-D shape)
 #   }
 
@@ -410,11 +413,10 @@ def _to_int64(v: int) -> int:
     return v - (1 << 64) if v >= 1 << 63 else v
 
 
-def _to_int32(v: int, r: _Reader, field: str) -> int:
-    v = _to_int64(v)
-    if not -(2**31) <= v < 2**31:
-        raise r.fail(field, f"value {v} out of int32 range")
-    return v
+def _to_int32(v: int) -> int:
+    """Protobuf's int32 from a varint: the low 32 bits, two's complement."""
+    v &= 0xFFFFFFFF
+    return v - (1 << 32) if v >= 1 << 31 else v
 
 
 def _parse_blobshape(r: _Reader, pos: int, end: int) -> list[int]:
@@ -437,8 +439,8 @@ def _parse_blobshape(r: _Reader, pos: int, end: int) -> list[int]:
         elif wire == _VARINT:
             v, pos = r.varint(pos, end, "shape.dim")
             dims.append(_to_int64(v))
-        else:
-            raise r.fail("shape.dim", f"wrong wire type {wire}")
+        else:  # a wire type the schema does not allow: an unknown field
+            pos = r.skip(wire, pos, end, "shape.dim")
         if len(dims) > 32:
             raise r.fail("shape.dim", "more than 32 axes")
     return dims
@@ -459,15 +461,16 @@ def _read_floats(
             raise r.fail(field, "truncated value")
         chunks.append(np.frombuffer(r.buf[pos : pos + width], dtype=fmt))
         return pos + width
-    raise r.fail(field, f"wrong wire type {wire}")
+    return r.skip(wire, pos, end, field)  # another wire type: an unknown field
 
 
 def parse_blobproto(buf: bytes, source: str = "<bytes>") -> np.ndarray:
     """Decode a serialized ``caffe.BlobProto`` into an array of its ``data``.
 
-    Uses ``double_data`` when present (as Caffe does), else ``data`` (float32).
-    The shape is the legacy ``(num, channels, height, width)`` when any of those
-    fields is set (as pycaffe's ``blobproto_to_array``), else ``shape.dim``.
+    Uses ``double_data`` when present (as Caffe does), else ``data`` (float32), else
+    NVIDIA Caffe's ``raw_data`` (FLOAT16 read exactly as float32, FLOAT, DOUBLE). The
+    shape is the legacy ``(num, channels, height, width)`` when any of those fields is set
+    (as pycaffe's ``blobproto_to_array``), else ``shape.dim``.
     Raises ``ValueError`` (mentioning ``source`` and the field) on malformed input,
     negative dims, more than 2**31 elements or a data length that does not match.
     """
@@ -479,6 +482,8 @@ def parse_blobproto(buf: bytes, source: str = "<bytes>") -> np.ndarray:
     data: list[np.ndarray] = []
     double_data: list[np.ndarray] = []
     unused: list[np.ndarray] = []
+    raw: tuple[int, int] | None = None
+    raw_type: int | None = None
     while pos < end:
         key, pos = r.varint(pos, end, "tag")
         field, wire = key >> 3, key & 7
@@ -487,12 +492,11 @@ def parse_blobproto(buf: bytes, source: str = "<bytes>") -> np.ndarray:
         if field in _LEGACY_FIELDS:
             name = _LEGACY_FIELDS[field]
             if wire != _VARINT:
-                raise r.fail(name, f"wrong wire type {wire}")
+                pos = r.skip(wire, pos, end, name)
+                continue
             v, pos = r.varint(pos, end, name)
-            legacy[field] = _to_int32(v, r, name)
-        elif field == 7:
-            if wire != _LEN:
-                raise r.fail("shape", f"wrong wire type {wire}")
+            legacy[field] = _to_int32(v)
+        elif field == 7 and wire == _LEN:
             start, stop = r.length(pos, end, "shape")
             # repeated occurrences of an embedded message merge: dims concatenate
             dims = (dims or []) + _parse_blobshape(r, start, stop)
@@ -505,6 +509,11 @@ def parse_blobproto(buf: bytes, source: str = "<bytes>") -> np.ndarray:
             pos = _read_floats(r, wire, pos, end, "diff", unused, 4)
         elif field == 9:
             pos = _read_floats(r, wire, pos, end, "double_diff", unused, 8)
+        elif field == 10 and wire == _VARINT:
+            raw_type, pos = r.varint(pos, end, "raw_data_type")
+        elif field == 12 and wire == _LEN:
+            raw = r.length(pos, end, "raw_data")
+            pos = raw[1]
         else:
             pos = r.skip(wire, pos, end, str(field))
 
@@ -523,6 +532,14 @@ def parse_blobproto(buf: bytes, source: str = "<bytes>") -> np.ndarray:
         raise r.fail(shape_field, f"{tuple(shape)} has {count} elements, more than 2**31")
 
     values, data_field = (double_data, "double_data") if double_data else (data, "data")
+    if not any(v.size for v in values) and raw is not None:
+        fmt = {0: "<f8", 1: "<f4", 2: "<f2"}.get(raw_type)
+        if fmt is None:
+            raise r.fail("raw_data_type", f"{raw_type} is not a float type (or is missing)")
+        if (raw[1] - raw[0]) % int(fmt[-1]):
+            raise r.fail("raw_data", f"length {raw[1] - raw[0]} is not a multiple of {fmt[-1]}")
+        half = np.frombuffer(r.buf[raw[0]:raw[1]], dtype=fmt)
+        values, data_field = [half.astype("<f4") if fmt == "<f2" else half], "raw_data"
     flat = np.concatenate(values) if values else np.zeros(0, dtype="<f4")
     if flat.size != count:
         raise r.fail(data_field, f"{flat.size} values for shape {tuple(shape)} ({count} expected)")

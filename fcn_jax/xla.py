@@ -4,8 +4,9 @@ compiled function rather than for the whole process.
 On XLA:CPU (jaxlib 0.10) the default hands every convolution to YNNPACK, which is slower
 than XLA's own Eigen kernels for CaffeNet's convolutions; :data:`CPU_OPTIONS` keeps YNNPACK
 for dots only (why, with the measurements: ``experiments/README.md``). They change which
-kernels run, not the precision (float32, ``Precision.HIGHEST``): results can differ in the last bits (another
-summation order), and every Caffe reference test passes with and without them.
+kernels run, not the precision (float32, ``Precision.HIGHEST``): results can differ in the
+last bits (another summation order), and every Caffe reference test passes with and without
+them.
 
 ``fcn_jax.jit(module.apply)`` is ``jax.jit`` with these options; the library's own compiled
 paths (``compile_forward``, ``fcn-jax predict``, ``dense``, the demo) use them already. For a

@@ -207,14 +207,15 @@ def test_v1_prototxt_cut_inside_input_dims(tmp_path):
 # ----------------------------------------------------------------------------- wire types
 
 
-def test_wrong_wire_type_is_named(tmp_path):
-    bad_conv = fld(1, 2, b"x")  # num_output (uint32, varint) sent as length-delimited
+def test_wrong_wire_type_is_an_unknown_field_as_in_protobuf(tmp_path):
+    """Protobuf (and so Caffe) skips a field whose wire type the schema does not allow."""
+    bad_conv = fld(1, 2, b"x") + fld(4, 0, 3)  # num_output sent length-delimited; kernel 3
     raw = conv_net_bytes([], extra=fld(106, 2, bad_conv))
     f = write(tmp_path, "w.caffemodel", raw)
-    with pytest.raises(CaffeFormatError) as e:
-        converters.read_caffemodel(f)
-    assert one_line(e) == (f"{f}: layer 'c': convolution_param.num_output: wire type 2 cannot "
-                           "hold a uint32 field (corrupt file)")
+    conv = converters.read_caffemodel(f).layer[0].convolution_param
+    ref = caffe_pb2.NetParameter.FromString(raw).layer[0].convolution_param
+    assert not conv.HasField("num_output") and not ref.HasField("num_output")
+    assert list(conv.kernel_size) == list(ref.kernel_size) == [3]
 
 
 def test_enum_value_outside_caffes_enum_is_named(tmp_path):

@@ -261,6 +261,31 @@ def test_parse_blobproto_shape_and_encodings():
     np.testing.assert_array_equal(out, np.arange(6.0))
 
 
+def test_parse_blobproto_follows_protobufs_rules():
+    """Wrong wire types are unknown fields (skipped), a second shape merges, int32 keeps its
+    low 32 bits, NVCaffe's fp16 raw_data is read: as google.protobuf parses the same bytes."""
+    from converters.proto import caffe_pb2
+
+    halves = np.array([0.5, -2, 65504, 6e-8, 1 / 3, 7], "<f2")
+    blob = (
+        _key(1, 2) + _varint(1) + b"\x05"                          # num, length-delimited
+        + _key(7, 2) + _varint(3) + _key(1, 2) + _varint(1) + _varint(2)
+        + _key(7, 2) + _varint(2) + _key(1, 0) + _varint(3)       # merges: dims (2, 3)
+        + _key(5, 0) + _varint(9)                                 # data as a varint
+        + _key(10, 0) + _varint(2) + _key(12, 2) + _varint(12) + halves.tobytes()
+    )
+    ref = caffe_pb2.BlobProto.FromString(blob)
+    assert not ref.HasField("num") and list(ref.shape.dim) == [2, 3] and not ref.data
+    expected = np.frombuffer(ref.raw_data, "<f2").astype(np.float32).reshape(2, 3)
+    out = parse_blobproto(blob)
+    assert out.dtype == np.float32 and out.tobytes() == expected.tobytes()
+    legacy = (_key(1, 0) + _varint(2**32 + 1) + _key(2, 0) + _varint(1) + _key(3, 0)
+              + _varint(1) + _key(4, 0) + _varint(2) + _key(5, 2) + _varint(8)
+              + struct.pack("<2f", 1, 2))
+    assert caffe_pb2.BlobProto.FromString(legacy).num == 1
+    assert parse_blobproto(legacy).shape == (1, 1, 1, 2)
+
+
 def test_load_mean_npy(tmp_path):
     p = tmp_path / "m.npy"
     np.save(p, np.arange(3, dtype=np.float32))
@@ -285,8 +310,8 @@ def test_binaryproto_truncated_everywhere(tmp_path):
     [
         # data count does not match the shape
         (_legacy_blob(np.arange(11, dtype=np.float32), 3, 2, 2), "data"),
-        # wrong wire type for `channels`
-        (_key(2, 2) + _varint(0), "channels"),
+        # `channels` of the wrong wire type is an unknown field (protobuf): no shape is left
+        (_key(2, 2) + _varint(0), "no shape"),
         # packed float length not a multiple of 4
         (_key(1, 0) + _varint(1) + _key(5, 2) + _varint(3) + b"abc", "data"),
         # length-delimited field runs past the end
