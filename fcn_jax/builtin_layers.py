@@ -202,6 +202,17 @@ def _conv_nhwc(spec: LayerSpec, bl: list[Blob], p: Params, ctx: Context, vs: lis
                          precision=ctx.precision, valid=vs[0]))]
 
 
+def _conv_workspace(spec: LayerSpec, shapes: list[Shape], tops: list[Shape]) -> int:
+    """The zero-padded input (convolution), or the full uncropped output (deconvolution)."""
+    c, (n, ch, h, w) = spec.cfg, shapes[0]
+    if spec.type == "Convolution":
+        pads = L.conv_padding((h, w), c["kernel"], c["stride"], c["pad"], c["dilation"])
+        return n * ch * (h + sum(pads[0])) * (w + sum(pads[1]))
+    ext = [d * (k - 1) + 1 for k, d in zip(c["kernel"], c["dilation"], strict=True)]
+    full = [s * (v + -(-e // s) - 1) for v, e, s in zip((h, w), ext, c["stride"], strict=True)]
+    return n * tops[0][1] * full[0] * full[1]
+
+
 def _conv_window(spec: LayerSpec, geos: list[Geo], shapes: list[Shape]) -> Geo:
     c = spec.cfg
     return kernel_window(geos[0], c["kernel"], c["stride"], c["pad"], c["dilation"])
@@ -213,7 +224,7 @@ def _deconv_window(spec: LayerSpec, geos: list[Geo], shapes: list[Shape]) -> Geo
 
 for _t, _win in (("Convolution", _conv_window), ("Deconvolution", _deconv_window)):
     _add(name=_t, read=_read_conv, out_shapes=_conv_shapes, param_shapes=_conv_params,
-         forward=_conv, forward_nhwc=_conv_nhwc, window=_win,
+         forward=_conv, forward_nhwc=_conv_nhwc, window=_win, workspace=_conv_workspace,
          valid_sizes=lambda spec, vs: [_conv_sizes(spec, vs[0])])
 
 
@@ -317,6 +328,16 @@ def _pool_shapes(spec: LayerSpec, shapes: list[Shape]) -> list[Shape]:
     return [(x[0], x[1]) + hw]
 
 
+def _pool_workspace(spec: LayerSpec, shapes: list[Shape], tops: list[Shape]) -> int:
+    """The input padded to cover every window, ceil-mode overhang included."""
+    c, (n, ch, h, w) = spec.cfg, shapes[0]
+    if c["global_pooling"]:
+        return n * ch * h * w
+    hp, wp = ((o - 1) * s + k for o, s, k in zip(tops[0][2:], c["stride"], c["kernel"],
+                                                  strict=True))
+    return n * ch * max(hp, h) * max(wp, w)
+
+
 def _pool(spec: LayerSpec, xs, p: Params, ctx: Context) -> list:
     c = spec.cfg
     return [L.pooling(xs[0], method=c["method"], kernel=c["kernel"], stride=c["stride"],
@@ -346,7 +367,8 @@ def _pool_window(spec: LayerSpec, geos: list[Geo], shapes: list[Shape]) -> Geo:
 
 
 _add(name="Pooling", read=_read_pool, out_shapes=_pool_shapes, forward=_pool,
-     forward_nhwc=_pool_nhwc, window=_pool_window, valid_sizes=_pool_valid)
+     forward_nhwc=_pool_nhwc, window=_pool_window, valid_sizes=_pool_valid,
+     workspace=_pool_workspace)
 
 
 # ----------------------------------------------------------------------------- LRN
@@ -381,8 +403,22 @@ def _lrn_window(spec: LayerSpec, geos: list[Geo], shapes: list[Shape]) -> Geo:
     return tuple((s - r * j, j, z + 2 * r * j) for s, j, z in geos[0])
 
 
-_add(name="LRN", read=_read_lrn, forward=_lrn, forward_nhwc=_lrn_nhwc, window=_lrn_window,
-     valid_sizes=_same_valid)
+def _lrn_shapes(spec: LayerSpec, shapes: list[Shape]) -> list[Shape]:
+    _need_4d(spec, shapes[0])
+    return [shapes[0]]
+
+
+def _lrn_workspace(spec: LayerSpec, shapes: list[Shape], tops: list[Shape]) -> int:
+    n, ch, h, w = shapes[0]
+    pad = spec.cfg["local_size"] - 1
+    if spec.cfg["norm_region"] == "ACROSS_CHANNELS":  # wide windows pad inside reduce_window
+        return n * (ch + min(pad, N.WINDOW_SLICES_MAX)) * h * w
+    return n * ch * (h + pad) * (w + pad)
+
+
+_add(name="LRN", read=_read_lrn, out_shapes=_lrn_shapes, forward=_lrn,
+     forward_nhwc=_lrn_nhwc, window=_lrn_window, valid_sizes=_same_valid,
+     workspace=_lrn_workspace)
 
 
 # ----------------------------------------------------------------------------- element-wise
@@ -586,6 +622,9 @@ def _scale_params(spec: LayerSpec, shapes: list[Shape]) -> dict:
         return {"bias": (tuple(shp[axis:axis + n]), c["bias_filler"])}
     shp = shapes[0]
     axis = _axis(c["axis"], len(shp), spec.name) if shp else 0
+    if c["num_axes"] < -1 or axis + c["num_axes"] > len(shp):
+        raise CaffeFormatError(f"num_axes {c['num_axes']} out of range for a {len(shp)}-D "
+                               f"blob from axis {axis}", layer=spec.name, field="num_axes")
     end = len(shp) if c["num_axes"] == -1 else axis + c["num_axes"]
     pshape = tuple(shp[axis:end])
     if spec.type == "Bias":
@@ -762,6 +801,9 @@ _add(name="Flatten", read=lambda lp: {"axis": int(lp.flatten_param.axis),
 def _reshape_shapes(spec: LayerSpec, shapes: list[Shape]) -> list[Shape]:
     x, c = shapes[0], spec.cfg
     start = _axis(c["axis"], len(x) + 1, spec.name)
+    if c["num_axes"] < -1 or start + c["num_axes"] > len(x):
+        raise CaffeFormatError(f"num_axes {c['num_axes']} out of range for a {len(x)}-D blob "
+                               f"from axis {start}", layer=spec.name, field="num_axes")
     end = len(x) if c["num_axes"] == -1 else start + c["num_axes"]
     dims = list(c["shape"])
     out = [x[start + i] if d == 0 else d for i, d in enumerate(dims)]

@@ -159,7 +159,7 @@ def prepare_params(layers: Sequence[LayerSpec], params: Mapping[str, Mapping[str
         if s.type == "Convolution" and w is not None and w.ndim == 4:
             o, cg, kh, kw = w.shape
             deep = kh * kw * cg >= F.PATCHES_MIN_DEPTH
-            if (kh, kw) != (1, 1) and not deep:
+            if (kh, kw) != (1, 1) and not deep and s.cfg["group"] <= F.GROUP_SPLIT_MAX:
                 blobs["weight"] = F.prepare_conv_weight(w, s.cfg["group"])
         out[s.name] = blobs
     return out

@@ -126,6 +126,9 @@ class LayerType:
     bucketable: Callable[[LayerSpec], bool] | None = None
     bottoms: tuple[int, int | None] = (1, 1)
     tops: tuple[int, int | None] = (1, 1)
+    #: ``workspace(spec, bottom_shapes, top_shapes) -> elements``: the largest intermediate its
+    #: forward builds (padded inputs...), checked against the memory budget before tracing
+    workspace: Callable[[LayerSpec, list[Shape], list[Shape]], int] | None = None
     is_input: bool = False
     #: ``forward_nhwc`` also takes bottoms that are not 4-D (they only have the NCHW form)
     fast_any_rank: bool = False
@@ -431,6 +434,27 @@ def blob_shapes(layers: Sequence[LayerSpec], inputs: Mapping[str, Shape]) -> dic
     return shapes
 
 
+def check_layer(spec: LayerSpec, bottom_shapes: Sequence[Shape], budget: int,
+                itemsize: int = 4) -> list[Shape] | None:
+    """Before a layer's forward is traced: its record's shape rule (ranks, sizes; Caffe's
+    ``Reshape`` checks) and its memory (tops and intermediates within ``budget`` bytes).
+    Returns the top shapes, or None for a record without a shape rule."""
+    rec = layer_type(spec.type, layer=spec.name)
+    shapes = [tuple(int(d) for d in s) for s in bottom_shapes]
+    if rec.out_shapes is None:
+        return None
+    tops = top_shapes(spec, shapes)
+    elems = sum(math.prod(t) for t in tops)
+    if rec.workspace is not None:
+        elems = max(elems, int(rec.workspace(spec, shapes, tops)))
+    if elems * itemsize > budget:
+        raise CaffeFormatError(f"needs {elems * itemsize} bytes for its outputs and "
+                               f"intermediates (bottoms {shapes}), over the memory budget of "
+                               f"{budget} (FCN_JAX_MEMORY_BUDGET)", layer=spec.name,
+                               field="top")
+    return tops
+
+
 def given_input_shapes(layers: Sequence[LayerSpec]) -> dict[str, Shape | None]:
     """The shapes the net's input layers declare (None where a Data layer gives none)."""
     out: dict[str, Shape | None] = {}
@@ -502,6 +526,7 @@ def walk_windows(layers: Sequence[LayerSpec], inputs: Mapping[str, Shape]
 
 __all__ = [
     "Context", "LAYER_TYPES", "LayerSpec", "LayerType", "add_layer_type", "blob_shapes",
+    "check_layer",
     "compile_net", "given_input_shapes", "input_types", "kernel_window", "layer_type",
     "param_names", "param_shapes", "register_layer", "remove_layer_type", "spec_of",
     "starting_at", "supported_types", "top_shapes", "topo_order", "union", "walk_windows",

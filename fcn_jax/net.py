@@ -31,6 +31,7 @@ from .layer_table import (
     Context,
     LayerSpec,
     blob_shapes,
+    check_layer,
     compile_net,
     given_input_shapes,
     layer_type,
@@ -126,6 +127,7 @@ def run_graph(layers: Sequence[LayerSpec], get_params: Callable[[LayerSpec, list
     blobs = {n: Blob(nchw=a) for n, a in inputs.items()}
     valids: dict[str, Any] = {n: (None if valid is None else valid.get(n)) for n in inputs}
     ctx = Context(train=train, rng=rng, precision=precision)
+    budget = converters.resolve_memory_budget()
     for spec in layers:
         rec = layer_type(spec.type, layer=spec.name)
         if rec.is_input:
@@ -141,6 +143,7 @@ def run_graph(layers: Sequence[LayerSpec], get_params: Callable[[LayerSpec, list
             raise CaffeFormatError(f"a {spec.type} layer cannot run on inputs padded to a "
                                    "bucket shape", layer=spec.name, field="type")
         try:
+            check_layer(spec, [b.shape for b in bl], budget)
             p = get_params(spec, [b.shape for b in bl])
             tops = None
             if fast and rec.forward_nhwc is not None and (

@@ -43,8 +43,17 @@ HIGHEST = lax.Precision.HIGHEST
 PATCHES_MIN_DEPTH = 4096
 #: ... and the patch matrix is at most this many bytes.
 PATCHES_MAX_BYTES = 1 << 30
+#: Up to this many groups a grouped convolution runs as one convolution per group (faster on
+#: XLA:CPU for CaffeNet's 2); beyond, as one ``feature_group_count`` convolution, so that the
+#: graph does not grow with the group count (depthwise convolutions).
+GROUP_SPLIT_MAX = 8
+#: Up to this many window cells, pooling and LRN sum (or max) shifted slices, one op per cell;
+#: beyond, one ``lax.reduce_window``, so that the graph does not grow with the kernel.
+WINDOW_SLICES_MAX = 64
 
 __all__ = [
+    "GROUP_SPLIT_MAX",
+    "WINDOW_SLICES_MAX",
     "Blob",
     "PATCHES_MIN_DEPTH",
     "conv_nhwc",
@@ -212,6 +221,13 @@ def conv_nhwc(x: Array, weight: Array | Sequence[Array], bias: Array | None = No
         og = w_shape[0] // group
     if x.shape[3] != cg * group:
         raise ValueError(f"input has {x.shape[3]} channels, weight expects {cg} x group {group}")
+    if group > GROUP_SPLIT_MAX and not prepared:
+        y = lax.conv_general_dilated(
+            x, weight.astype(x.dtype), window_strides=stride,
+            padding=L.conv_padding(x.shape[1:3], (kh, kw), stride, pad, dilation),
+            rhs_dilation=dilation, dimension_numbers=("NHWC", "OIHW", "NHWC"),
+            feature_group_count=group, precision=precision)
+        return y if bias is None else y + jnp.asarray(bias, y.dtype).reshape(-1)
     if method == "auto":
         method = _conv_method(x.shape, w_shape, stride, pad, dilation, group)
     dtype = x.dtype
@@ -316,19 +332,27 @@ def pool_nhwc(x: Array, *, method: str = "MAX", kernel=(2, 2), stride=(1, 1), pa
         # select makes XLA compile the pooling fusion about twice as slowly
         x = lax.optimization_barrier(mask_nhwc(x, valid, jnp.finfo(x.dtype).min if
                                                method == "MAX" else 0.0))
+    many = ks[0] * ks[1] > WINDOW_SLICES_MAX
+    window, strides = (1, ks[0], ks[1], 1), (1, ss[0], ss[1], 1)
     if method == "MAX":
         lowest = jnp.finfo(x.dtype).min  # Caffe starts every window at -FLT_MAX
         xp = lax.pad(x, jnp.array(lowest, x.dtype), cfg)
+        if many:
+            return lax.reduce_window(xp, jnp.array(lowest, x.dtype), lax.max, window, strides,
+                                     "VALID")
         wins = _windows(xp, ks[0], ks[1], ss, (1, 1), outs[0], outs[1])
         y = wins[0]
         for v in wins[1:]:
             y = jnp.maximum(y, v)
         return y
     xp = lax.pad(x, jnp.array(0, x.dtype), cfg)
-    wins = _windows(xp, ks[0], ks[1], ss, (1, 1), outs[0], outs[1])
-    sums = wins[0]
-    for v in wins[1:]:  # Caffe's loop order: rows, then columns
-        sums = sums + v
+    if many:
+        sums = lax.reduce_window(xp, jnp.array(0, x.dtype), lax.add, window, strides, "VALID")
+    else:
+        wins = _windows(xp, ks[0], ks[1], ss, (1, 1), outs[0], outs[1])
+        sums = wins[0]
+        for v in wins[1:]:  # Caffe's loop order: rows, then columns
+            sums = sums + v
     if valid is None:
         ch = _ave_counts(h, outs[0], ks[0], ss[0], ps[0])
         cw = _ave_counts(w, outs[1], ks[1], ss[1], ps[1])
@@ -371,11 +395,15 @@ def lrn_nhwc(x: Array, *, local_size: int = 5, alpha: float = 1.0, beta: float =
     pre = (local_size - 1) // 2
     sq = x * x
     if norm_region == "ACROSS_CHANNELS":
-        sp = jnp.pad(sq, ((0, 0), (0, 0), (0, 0), (pre, pre)))
-        c = x.shape[3]
-        acc = sp[..., 0:c]
-        for i in range(1, local_size):
-            acc = acc + sp[..., i:i + c]
+        if local_size > WINDOW_SLICES_MAX:
+            acc = lax.reduce_window(sq, jnp.array(0, sq.dtype), lax.add, (1, 1, 1, local_size),
+                                    (1, 1, 1, 1), ((0, 0), (0, 0), (0, 0), (pre, pre)))
+        else:
+            sp = jnp.pad(sq, ((0, 0), (0, 0), (0, 0), (pre, pre)))
+            c = x.shape[3]
+            acc = sp[..., 0:c]
+            for i in range(1, local_size):
+                acc = acc + sp[..., i:i + c]
         scale = k + (alpha / local_size) * acc
     elif norm_region == "WITHIN_CHANNEL":
         pooled = pool_nhwc(sq, method="AVE", kernel=local_size, stride=1, pad=pre, valid=valid)

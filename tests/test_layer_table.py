@@ -178,3 +178,102 @@ def test_layer_order_is_linear_in_the_net_size():
               for i in reversed(range(n))]
     layers = layer_table.compile_net(converters.parse_prototxt("\n".join(lines)))
     assert [s.name for s in layers[1:]] == [f"r{i}" for i in range(n)]
+
+
+# ----------------------------------------------------------------------------- hostile params
+
+
+def _one_layer(layer: str, shape=(1, 3, 8, 8)) -> object:
+    dims = " ".join(f"dim: {d}" for d in shape)
+    return converters.parse_prototxt(
+        f'layer {{ name: "data" type: "Input" top: "data" input_param {{ shape {{ {dims} }} }} }}'
+        + layer)
+
+
+HUGE_STRIDE = ('layer { name: "pool" type: "Pooling" bottom: "data" top: "p" '
+               'pooling_param { pool: MAX kernel_size: 3 stride: 2147483648 } }')
+
+
+def test_pooling_padding_beyond_the_budget_is_refused_before_xla(tmp_path):
+    """A stride of 2^31 pads the input to 2^31 cells per side: refused with the layer named,
+    in a subprocess so that an abort would show as a failure, not kill the test run."""
+    import subprocess
+    import sys
+
+    proto = tmp_path / "p.prototxt"
+    proto.write_text(converters.format_prototxt(_one_layer(HUGE_STRIDE.replace(
+        "2147483648", "65536"))))
+    code = ("import sys, converters\n"
+            f"try:\n    converters.load_caffe({str(proto)!r})\n"
+            "except converters.CaffeFormatError as e:\n    print(e); sys.exit(3)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 3, r.stderr[-2000:]
+    assert "layer 'pool'" in r.stdout and "memory budget" in r.stdout
+
+
+@pytest.mark.parametrize("layer, ops_max", [
+    ('layer { name: "n" type: "LRN" bottom: "data" top: "n" lrn_param { local_size: 200001 } }',
+     100),
+    ('layer { name: "p" type: "Pooling" bottom: "data" top: "p" '
+     'pooling_param { pool: AVE kernel_size: 200 stride: 1 pad: 10 } }', 100),
+    ('layer { name: "c" type: "Convolution" bottom: "data" top: "c" '
+     'convolution_param { num_output: 30000 group: 30000 kernel_size: 1 } }', 100),
+])
+def test_graph_size_does_not_grow_with_a_config_number(layer, ops_max):
+    shape = ((1, 30000, 4, 4) if "group" in layer else (1, 3, 210, 210) if "Pooling" in layer
+             else (1, 3, 8, 8))
+    module, params = converters.load_caffe(_one_layer(layer, shape))
+    x = jax.ShapeDtypeStruct(shape, jnp.float32)
+    jaxpr = jax.make_jaxpr(lambda p, x: module.apply({"params": p}, x))(params, x)
+    assert len(jaxpr.eqns) < ops_max
+
+
+@pytest.mark.parametrize("case", ["lrn", "pool_max", "pool_ave", "group"])
+def test_one_op_formulations_match_the_reference(case):
+    """Past the slice thresholds (wide LRN, big pooling windows, many groups) the fast forms
+    switch formulation; they still equal the Caffe-exact NCHW reference."""
+    from fcn_jax import layers as L
+
+    if case == "lrn":
+        layer = ('layer { name: "l" type: "LRN" bottom: "data" top: "l" '
+                 'lrn_param { local_size: 67 alpha: 0.5 } }')
+        shape = (2, 80, 5, 5)
+    elif case.startswith("pool"):
+        pool = "MAX" if case == "pool_max" else "AVE"
+        layer = (f'layer {{ name: "l" type: "Pooling" bottom: "data" top: "l" pooling_param '
+                 f'{{ pool: {pool} kernel_size: 9 stride: 3 pad: 2 }} }}')
+        shape = (2, 3, 23, 20)
+    else:
+        layer = ('layer { name: "l" type: "Convolution" bottom: "data" top: "l" '
+                 'convolution_param { num_output: 24 group: 12 kernel_size: 3 pad: 1 '
+                 'weight_filler { type: "gaussian" std: 1 } } }')
+        shape = (2, 12, 9, 7)
+    module, params = converters.load_caffe(_one_layer(layer, shape))
+    x = RNG.standard_normal(shape).astype(np.float32)
+    fast = module.apply({"params": params}, x)["l"]
+    ref = {"lrn": lambda: L.lrn(x, local_size=67, alpha=0.5),
+           "pool_max": lambda: L.pooling(x, method="MAX", kernel=9, stride=3, pad=2),
+           "pool_ave": lambda: L.pooling(x, method="AVE", kernel=9, stride=3, pad=2),
+           "group": lambda: L.convolution(x, params["l"]["weight"], params["l"]["bias"],
+                                          pad=1, group=12)}[case]()
+    if case == "pool_max":
+        np.testing.assert_array_equal(fast, ref)
+    else:
+        np.testing.assert_allclose(fast, ref, rtol=1e-5, atol=1e-5 * float(np.abs(ref).max()))
+
+
+@pytest.mark.parametrize("layer, shape, match", [
+    ('layer { name: "n" type: "LRN" bottom: "data" top: "n" }', (2, 5), "layer 'n'.*4-D"),
+    ('layer { name: "p" type: "Pooling" bottom: "data" top: "p" '
+     'pooling_param { kernel_size: 2 } }', (2, 5), "layer 'p'.*4-D"),
+    ('layer { name: "r" type: "Reshape" bottom: "data" top: "r" '
+     'reshape_param { shape { dim: -1 } num_axes: -5 } }', (2, 5), "layer 'r'.*num_axes"),
+    ('layer { name: "c" type: "Convolution" bottom: "data" top: "c" '
+     'convolution_param { num_output: 2 kernel_size: 1 dilation: 1 dilation: 1 dilation: 1 }}',
+     (1, 3, 4, 4), "layer 'c'.*dilation"),
+])
+def test_nets_caffe_rejects_are_refused(layer, shape, match):
+    with pytest.raises(CaffeFormatError, match=match):
+        module, params = converters.load_caffe(_one_layer(layer, shape))
+        module.apply({"params": params}, np.zeros(shape, np.float32))
