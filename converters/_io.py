@@ -67,3 +67,43 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically."""
     view = memoryview(data)
     atomic_write(path, lambda f: f.write(view))
+
+
+def open_regular(path: str | os.PathLike) -> IO[bytes]:
+    """Open ``path`` for binary reading if it is a regular file, without ever blocking: a
+    FIFO, socket, device or folder raises ``IsADirectoryError``/``OSError`` at once (an
+    ordinary ``open`` of a FIFO waits for a writer forever)."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode)
+                    else "a socket" if stat.S_ISSOCK(mode) else "a device")
+            raise NotRegularFileError(f"not a regular file ({kind})")
+        with contextlib.suppress(OSError, AttributeError):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class NotRegularFileError(OSError):
+    """A path that is not a regular file where a file's bytes are expected."""
+
+
+def read_exactly(f: IO[bytes], size: int) -> bytearray:
+    """``size`` bytes of ``f`` into a buffer allocated once (shorter if the file ends
+    first): reading never reserves more than the file holds."""
+    buf = bytearray(size)
+    view = memoryview(buf)
+    got = 0
+    while got < size:
+        n = f.readinto(view[got:])
+        if not n:
+            del view
+            del buf[got:]
+            return buf
+        got += n
+    return buf

@@ -18,7 +18,7 @@ import numpy as np
 from google.protobuf import message as pb_message
 from google.protobuf import text_format, unknown_fields
 
-from . import wire
+from . import _io, wire
 from ._io import atomic_write_bytes
 from .errors import CaffeFormatError
 from .proto import caffe_fast_pb2, caffe_pb2
@@ -170,23 +170,34 @@ def _file_size(path: PathLike, budget: int) -> int:
         size = os.stat(path).st_size
     except OSError as e:
         raise CaffeFormatError(f"cannot read: {e.strerror}", path=path) from None
+    _check_size(size, path, budget)
+    return size
+
+
+def _check_size(size: int, path: PathLike, budget: int) -> None:
     if size > PROTOBUF_LIMIT:
         raise CaffeFormatError(f"file of {size} bytes exceeds protobuf's 2 GiB limit "
                                f"({PROTOBUF_LIMIT} bytes)", path=path)
     if size > budget:
         raise CaffeFormatError(f"file of {size} bytes exceeds the memory budget of {budget} "
                                f"bytes (set {MEMORY_BUDGET_ENV} to raise it)", path=path)
-    return size
 
 
-def _read_bytes(path: PathLike, limit: int) -> bytes:
+def read_file(path: PathLike, budget: int | None = None) -> bytearray:
+    """The bytes of a Caffe file, bounded: only regular files (a FIFO never blocks), the
+    size checked against protobuf's 2 GiB limit and the memory budget *before* reading,
+    and exactly that many bytes allocated (a 112-byte file needs 112 bytes, not the
+    budget)."""
+    budget = resolve_memory_budget(budget)
     try:
-        with open(path, "rb") as f:
-            raw = f.read(limit + 1)
+        with _io.open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            _check_size(size, path, budget)
+            raw = _io.read_exactly(f, size)
+            if len(raw) != size or f.read(1):
+                raise CaffeFormatError("the file changed size while it was read", path=path)
     except OSError as e:
-        raise CaffeFormatError(f"cannot read: {e.strerror}", path=path) from None
-    if len(raw) > limit:  # the file grew since it was measured
-        raise CaffeFormatError(f"file exceeds the limit of {limit} bytes", path=path)
+        raise CaffeFormatError(f"cannot read: {e.strerror or e}", path=path) from None
     return raw
 
 
@@ -197,8 +208,7 @@ def read_prototxt(path: PathLike, *, memory_budget: int | None = None):
     nets without layers (an empty file, or one cut before its first layer).
     """
     budget = resolve_memory_budget(memory_budget)
-    _file_size(path, budget)
-    raw = _read_bytes(path, min(budget, PROTOBUF_LIMIT))
+    raw = read_file(path, budget)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -345,9 +355,7 @@ def read_caffemodel(path: PathLike, *, memory_budget: int | None = None):
     Files over protobuf's 2 GiB limit or the memory budget are refused before reading.
     """
     budget = resolve_memory_budget(memory_budget)
-    _file_size(path, budget)
-    raw = _read_bytes(path, min(budget, PROTOBUF_LIMIT))
-    return parse_caffemodel(raw, path)
+    return parse_caffemodel(bytes(read_file(path, budget)), path)
 
 
 def _parse(schema, raw: bytes, path: PathLike):
@@ -381,22 +389,22 @@ def parse_caffemodel(raw: bytes, path: PathLike = "<bytes>"):
 
 def _needs_exact_schema(net) -> bool:
     """True when some blob's packed payload does not hold exactly its shape's values."""
-    for layer in list(net.layer) + list(net.layers):
-        for blob in layer.blobs:
-            dims = _blob_dims(blob)
-            if any(d < 0 for d in dims):
-                continue  # refused later with a clear message
-            count = math.prod(dims)
-            if blob.double_data:
-                have = len(blob.double_data) / 8
-            else:
-                have = len(blob.data) / 4
-            if have != count:
-                return True
-            if unknown_fields.UnknownFieldSet(blob) and any(
-                    u.field_number in (5, 6, 8, 9) for u in unknown_fields.UnknownFieldSet(blob)):
-                return True
-    return False
+    return any(blob_needs_exact_schema(blob)
+               for layer in list(net.layer) + list(net.layers) for blob in layer.blobs)
+
+
+def blob_needs_exact_schema(blob) -> bool:
+    """True when a ``BlobProto`` parsed with the fast schema (payloads as ``bytes``) must be
+    parsed again with Caffe's exact one: unpacked floats, or packed data split into several
+    chunks (protobuf concatenates them; the fast schema would keep only the last)."""
+    dims = _blob_dims(blob)
+    if any(d < 0 for d in dims):
+        return False  # refused later with a clear message
+    count = math.prod(dims)
+    have = len(blob.double_data) / 8 if blob.double_data else len(blob.data) / 4
+    if have != count:
+        return True
+    return any(u.field_number in (5, 6, 8, 9) for u in unknown_fields.UnknownFieldSet(blob))
 
 
 def _type_name(fd) -> str:
@@ -588,8 +596,7 @@ def load_caffemodel(path: PathLike, *, memory_budget: int | None = None) -> Para
     each array is a view of it (``converters.wire``); unusual encodings take the full parser.
     """
     budget = resolve_memory_budget(memory_budget)
-    _file_size(path, budget)
-    raw = bytearray(_read_bytes(path, min(budget, PROTOBUF_LIMIT)))
+    raw = read_file(path, budget)
     scan = wire.scan_caffemodel(raw)
     if scan is None:
         return net_params(parse_caffemodel(bytes(raw), path), path=path, memory_budget=budget)
@@ -626,10 +633,10 @@ def load_caffemodel(path: PathLike, *, memory_budget: int | None = None) -> Para
 def read_net(path: PathLike, *, memory_budget: int | None = None):
     """Read a net definition from a ``.prototxt`` or the structure of a ``.caffemodel``."""
     try:
-        with open(path, "rb") as f:
+        with _io.open_regular(path) as f:
             head = f.read(64)
     except OSError as e:
-        raise CaffeFormatError(f"cannot read: {e.strerror}", path=path) from None
+        raise CaffeFormatError(f"cannot read: {e.strerror or e}", path=path) from None
     if _looks_binary(head):
         return read_caffemodel(path, memory_budget=memory_budget)
     return read_prototxt(path, memory_budget=memory_budget)
