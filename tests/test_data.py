@@ -55,9 +55,13 @@ def test_annotation_dataset_errors(tmp_path):
     with pytest.raises(CaffeFormatError, match="no annotated images"):
         D.AnnotationDataset(path)
     path.write_text('{"image": "missing.png", "boxes": [[0, 0, 4, 4, 2]]}\n')
-    ds = D.AnnotationDataset(path)
+    # every image header is read up front: a missing image is named with its line at once
+    with pytest.raises(CaffeFormatError, match=r"ann.jsonl: line 1: image: .*missing.png.*"
+                       "No such file"):
+        D.AnnotationDataset(path)
+    ds = D.AnnotationDataset(path, check_images=False)
     assert len(ds) == 1 and ds.num_classes() == 3
-    with pytest.raises(CaffeFormatError, match="does not exist"):
+    with pytest.raises(CaffeFormatError, match="line 1: image: .*No such file"):
         ds[0]
     with pytest.raises(CaffeFormatError, match="cannot read"):
         D.read_annotations(tmp_path / "nope.jsonl")
