@@ -584,6 +584,30 @@ def net_params(net, *, path: PathLike = "<net>",
     return params
 
 
+def check_param_dtypes(params: Mapping[str, Mapping[str, Any]], *,
+                       path: PathLike | None = None) -> None:
+    """Refuse parameters Caffe could not hold: every blob must be an array of real numbers
+    (``float``/``int``); boolean, complex, string or object arrays raise
+    ``CaffeFormatError`` naming the layer and blob (they are never cast)."""
+    if not isinstance(params, Mapping):
+        raise CaffeFormatError(f"params must map layer names to blobs, got "
+                               f"{type(params).__name__}", path=path, field="params")
+    for layer, blobs in params.items():
+        if not isinstance(blobs, Mapping):
+            raise CaffeFormatError(f"expected a mapping of blob names to arrays, got "
+                                   f"{type(blobs).__name__}", path=path, layer=str(layer),
+                                   field="params")
+        for name, value in blobs.items():
+            dtype = getattr(value, "dtype", None)
+            if dtype is None:
+                dtype = np.asarray(value).dtype
+            dtype = np.dtype(dtype)
+            if dtype.kind not in "iuf":
+                raise CaffeFormatError(f"dtype {dtype} is not a real number type (Caffe's "
+                                       "blobs are float)", path=path, layer=str(layer),
+                                       field=str(name))
+
+
 def load_caffemodel(path: PathLike, *, memory_budget: int | None = None) -> Params:
     """Read a ``.caffemodel`` (V1 or V2) into ``params[layer_name][blob_name]`` arrays.
 
@@ -603,6 +627,9 @@ def load_caffemodel(path: PathLike, *, memory_budget: int | None = None) -> Para
     stripped, refs = scan
     plain = _parse(caffe_fast_pb2, stripped, path)
     check_wire_types(plain, path)
+    if plain.layer and plain.layers:
+        raise CaffeFormatError("net mixes V1 'layers' and V2 'layer' fields", path=path,
+                               field="layers")
     layers = list(plain.layer) or list(plain.layers)
     by_name: dict[str, list] = {}
     for i, (layer, blob_refs) in enumerate(zip(layers, refs, strict=True)):

@@ -119,4 +119,61 @@ def load_npz(path: PathLike, *, memory_budget: int | None = None) -> dict[str, n
     return out
 
 
-__all__ = ["load_npy", "load_npz"]
+# ----------------------------------------------------------------------------- member names
+
+#: Longest npz member name zip can store (a 16-bit length), ``.npy`` suffix included.
+MAX_MEMBER_NAME = 65535
+
+
+def encode_member_name(name: str) -> str:
+    """The npz member name (without ``.npy``) for a blob name, reversibly
+    (``decode_member_name`` gives ``name`` back).
+
+    Percent-encoded as ``%XX`` (the UTF-8 bytes): ``%`` itself, ``\\``, control and other
+    non-printing characters (NUL, terminal escapes), and every ``/`` when the name, read as a
+    path, is absolute or has an empty, ``.`` or ``..`` part (``../x`` becomes ``..%2Fx``).
+    Ordinary names are unchanged, ``/`` included (``inception_3a/1x1``), so readers that
+    index the archive by plain names keep working; ``load_blobs`` decodes every name.
+    """
+    import unicodedata
+
+    parts = name.split("/")
+    plain_slashes = len(parts) > 1 and all(p not in ("", ".", "..") for p in parts)
+    out = []
+    for ch in name:
+        if ch in "%\\" or (ch == "/" and not plain_slashes) or (
+                unicodedata.category(ch)[0] in "CZ" and ch != " "):
+            out.append("".join(f"%{b:02X}" for b in ch.encode("utf-8", "surrogatepass")))
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def decode_member_name(member: str) -> str:
+    """The blob name of an npz member written with ``encode_member_name`` (a trailing
+    ``.npy`` is dropped)."""
+    from urllib.parse import unquote
+
+    if member.endswith(".npy"):
+        member = member[:-4]
+    return unquote(member, encoding="utf-8", errors="surrogatepass")
+
+
+def check_member_names(names, *, path: PathLike | None = None) -> dict[str, str]:
+    """``{name: member}`` for blob names to be stored in one npz, refusing a name too long
+    for a zip member (zipfile would fail with ``struct.error``)."""
+    out = {}
+    for name in names:
+        member = encode_member_name(name)
+        size = len((member + ".npy").encode("utf-8"))
+        if size > MAX_MEMBER_NAME:
+            raise CaffeFormatError(f"blob name of {len(name.encode('utf-8', 'replace'))} "
+                                   f"bytes is too long for an npz member ({MAX_MEMBER_NAME} "
+                                   "bytes at most, encoded, with .npy); choose blobs with "
+                                   "--outputs", path=path, field=f"blob {name[:60]!r}")
+        out[name] = member
+    return out
+
+
+__all__ = ["MAX_MEMBER_NAME", "check_member_names", "decode_member_name",
+           "encode_member_name", "load_npy", "load_npz"]
