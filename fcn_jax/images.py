@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import struct
 import warnings
 from typing import IO
@@ -70,8 +71,11 @@ def _opened(path: str | os.PathLike):
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             try:
                 im = Image.open(f)
-            except Image.DecompressionBombError as e:
-                raise ImageError(f"too many pixels ({_first_line(e)})", path=path) from None
+            except Image.DecompressionBombError as e:  # Pillow's own limit, far above ours
+                m = re.search(r"\((\d+) pixels\)", str(e))
+                size = f"{int(m.group(1))} pixels" if m else "its size"
+                raise ImageError(f"image of {size} has more than {MAX_PIXELS} pixels",
+                                 path=path) from None
             except UnidentifiedImageError:
                 raise ImageError("not an image file (or a format Pillow cannot read)",
                                  path=path) from None
