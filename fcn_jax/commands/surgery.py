@@ -44,8 +44,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_fcn(args: argparse.Namespace) -> int:
+    from fcn_jax.io_utils import prepare_output
     from fcn_jax.surgery import fc_to_conv
 
+    for suffix in (".prototxt", ".caffemodel"):  # before any work: never replace an input
+        prepare_output(args.output + suffix, [args.prototxt, args.caffemodel])
     net = fcn_net.as_net(converters.read_net(args.prototxt))
     params = converters.load_caffemodel(args.caffemodel)
     shape = None
