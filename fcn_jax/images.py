@@ -60,29 +60,32 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
         return int(im.size[1]), int(im.size[0])
 
 
+_quiet_bomb_warning = False
+
+
 @contextlib.contextmanager
 def _opened(path: str | os.PathLike):
     """The Pillow image of ``path`` (header read only), errors as ``ImageError``."""
     from PIL import Image, UnidentifiedImageError
 
+    global _quiet_bomb_warning
+    if not _quiet_bomb_warning:  # our pixel budget is stricter than Pillow's bomb warning
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+        _quiet_bomb_warning = True  # (set once: catch_warnings is not thread-safe)
     f = open_regular_file(path)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            try:
-                im = Image.open(f)
-            except Image.DecompressionBombError as e:  # Pillow's own limit, far above ours
-                m = re.search(r"\((\d+) pixels\)", str(e))
-                size = f"{int(m.group(1))} pixels" if m else "its size"
-                raise ImageError(f"image of {size} has more than {MAX_PIXELS} pixels",
-                                 path=path) from None
-            except UnidentifiedImageError:
-                raise ImageError("not an image file (or a format Pillow cannot read)",
-                                 path=path) from None
-            except (OSError, ValueError, SyntaxError, EOFError, MemoryError,
-                    struct.error) as e:
-                raise ImageError(f"corrupt image header ({_first_line(e)})",
-                                 path=path) from None
+        try:
+            im = Image.open(f)
+        except Image.DecompressionBombError as e:  # Pillow's own limit, far above ours
+            m = re.search(r"\((\d+) pixels\)", str(e))
+            size = f"{int(m.group(1))} pixels" if m else "its size"
+            raise ImageError(f"image of {size} has more than {MAX_PIXELS} pixels",
+                             path=path) from None
+        except UnidentifiedImageError:
+            raise ImageError("not an image file (or a format Pillow cannot read)",
+                             path=path) from None
+        except (OSError, ValueError, SyntaxError, EOFError, MemoryError, struct.error) as e:
+            raise ImageError(f"corrupt image header ({_first_line(e)})", path=path) from None
         with im:
             yield im
     finally:
