@@ -134,10 +134,11 @@ def load_blobs(path: PathLike) -> dict[str, np.ndarray]:
     return {decode_member_name(k): v for k, v in load_npz(path).items()}
 
 
-def prepare_output(path: PathLike, inputs: Sequence[PathLike] = ()) -> Path:
+def prepare_output(path: PathLike, inputs: Sequence[PathLike] = (), *,
+                   create: bool = True) -> Path:
     """Ready ``path`` to be written by a command: refused (``CaffeFormatError``) when it is
-    one of the command's ``inputs`` (writing would replace what is being read), and its
-    folder created if missing (every command does this alike)."""
+    one of the command's ``inputs`` (writing would replace what is being read), and, with
+    ``create``, its folder created if missing (every command does this alike)."""
     from converters import CaffeFormatError
 
     out = Path(os.fspath(path))
@@ -147,7 +148,8 @@ def prepare_output(path: PathLike, inputs: Sequence[PathLike] = ()) -> Path:
         if _same_file(out, Path(os.fspath(src))):
             raise CaffeFormatError(f"the output would replace the input {os.fspath(src)}",
                                    path=out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if create:
+        out.parent.mkdir(parents=True, exist_ok=True)
     return out
 
 

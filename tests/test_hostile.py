@@ -973,6 +973,7 @@ def test_run_blobs_encodes_names_reversibly(tmp_path, capsys):
     assert main(["run", str(proto), "none", "--input", str(tmp_path / "x.npy"), "--blobs",
                  str(out)]) == 2  # no such caffemodel: one line
     capsys.readouterr()
+    assert not (tmp_path / "new").exists()  # folders are made only when writing
     empty = tmp_path / "empty.caffemodel"
     converters.save_caffemodel(empty, {}, converters.read_prototxt(proto))
     assert main(["run", str(proto), str(empty), "--input", str(tmp_path / "x.npy"), "--blobs",

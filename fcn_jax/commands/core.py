@@ -164,7 +164,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fcn_jax.io_utils import prepare_output, save_blobs
     from fcn_jax.net import blob_names
 
-    prepare_output(args.blobs, [args.input, args.prototxt, args.caffemodel])
+    inputs = [args.input, args.prototxt, args.caffemodel]
+    prepare_output(args.blobs, inputs, create=False)  # checked before any work
     x = read_input(args.input)
     shape = ({k: v.shape for k, v in x.items()} if isinstance(x, dict) else x.shape)
     module, params = converters.load_caffe(args.prototxt, args.caffemodel, input_shape=shape)
@@ -185,7 +186,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                                path=args.input) from None
     blobs = {k: np.asarray(v) for k, v in blobs.items()}
     nonfinite = [k for k, v in blobs.items() if not np.all(np.isfinite(v))]
-    written = save_blobs(args.blobs, blobs)
+    written = save_blobs(prepare_output(args.blobs, inputs), blobs)
     for k, v in blobs.items():
         print(f"  {printable(k, 60):<12} {_fmt(v.shape)}")
     print(f"wrote {written} blobs to {args.blobs}")
@@ -200,9 +201,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from fcn_jax.checkpoint import save_checkpoint
     from fcn_jax.io_utils import prepare_output
 
-    prepare_output(args.output, [args.prototxt, args.caffemodel])
+    prepare_output(args.output, [args.prototxt, args.caffemodel], create=False)
     net = converters.read_prototxt(args.prototxt)
     _, params = converters.load_caffe(args.prototxt, args.caffemodel)
+    prepare_output(args.output, [args.prototxt, args.caffemodel])
     save_checkpoint(args.output, params, {"prototxt": converters.format_prototxt(net),
                                           "source": os.path.basename(args.caffemodel)})
     print(f"wrote {args.output}: {len(params)} layers")

@@ -48,7 +48,7 @@ def cmd_fcn(args: argparse.Namespace) -> int:
     from fcn_jax.surgery import fc_to_conv
 
     for suffix in (".prototxt", ".caffemodel"):  # before any work: never replace an input
-        prepare_output(args.output + suffix, [args.prototxt, args.caffemodel])
+        prepare_output(args.output + suffix, [args.prototxt, args.caffemodel], create=False)
     net = fcn_net.as_net(converters.read_net(args.prototxt))
     params = converters.load_caffemodel(args.caffemodel)
     shape = None
