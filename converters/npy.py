@@ -149,14 +149,12 @@ def encode_member_name(name: str) -> str:
     return "".join(out)
 
 
-def decode_member_name(member: str) -> str:
-    """The blob name of an npz member written with ``encode_member_name`` (a trailing
-    ``.npy`` is dropped)."""
+def decode_member_name(key: str) -> str:
+    """The blob name of an npz key written with ``encode_member_name``: the key as
+    ``np.load``/``load_npz`` give it, i.e. the zip member name without its ``.npy``."""
     from urllib.parse import unquote
 
-    if member.endswith(".npy"):
-        member = member[:-4]
-    return unquote(member, encoding="utf-8", errors="surrogatepass")
+    return unquote(key, encoding="utf-8", errors="surrogatepass")
 
 
 def check_member_names(names, *, path: PathLike | None = None) -> dict[str, str]:

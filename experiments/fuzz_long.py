@@ -107,7 +107,7 @@ def seeds(target: str) -> list[bytes]:
                 for k in (1, 2, 3)]
     if target == "npzname":
         return [b"conv1\0conv1/relu\0inception_3a/1x1", b"a\0a%00\0../x\0/y\0\x1b[31m",
-                "é\0名前\0.\0..\0".encode()]
+                "é\0名前\0.\0..\0".encode(), b"file\0allow_pickle\0.npy\0a.npy"]
     raise ValueError(target)
 
 

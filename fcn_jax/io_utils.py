@@ -118,7 +118,16 @@ def save_blobs(path: PathLike, blobs: Mapping[str, Any]) -> int:
 
     members = check_member_names(blobs, path=path)
     arrays = {members[k]: np.asarray(v) for k, v in blobs.items()}
-    atomic_write(path, lambda f: np.savez(f, **arrays), mode="wb")
+
+    def write(f: IO[bytes]) -> None:
+        # not np.savez(f, **arrays): a blob named "file" or "allow_pickle" would collide
+        # with its parameters
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+            for member, arr in arrays.items():
+                with z.open(member + ".npy", "w", force_zip64=True) as m:
+                    np.lib.format.write_array(m, arr, allow_pickle=False)
+
+    atomic_write(path, write, mode="wb")
     with zipfile.ZipFile(path) as z:
         written = len(z.namelist())
     if written != len(blobs):

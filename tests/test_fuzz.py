@@ -421,8 +421,13 @@ def test_fuzz_annotation_values(boxes, sep):
     assert np.all(labels == np.round(labels)) and np.all((labels >= 1) & (labels <= D.MAX_LABEL))
 
 
+_SPECIAL_NAMES = st.sampled_from(["file", "allow_pickle", "args", "kwds", "a.npy", "../x", "/",
+                                  "a/b", "a%2Fb", "", ".", "..", "\0", "x\0y"])
+
+
 @fuzz_settings(300)
-@given(st.lists(st.text(max_size=12), unique=True, min_size=1, max_size=6))
+@given(st.lists(st.one_of(st.text(max_size=12), _SPECIAL_NAMES), unique=True, min_size=1,
+                max_size=6))
 def test_fuzz_npz_member_names(names):
     """Any blob names (NUL, ``/``, ``..``, ``%``, escapes, non-ASCII) survive an npz round
     trip: as many members as names, decoded back exactly, none absolute or climbing."""
