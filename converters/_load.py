@@ -13,7 +13,7 @@ import os
 import warnings
 from typing import Any
 
-from .caffe_io import read_prototxt, resolve_memory_budget, upgrade_net
+from .caffe_io import check_param_dtypes, read_prototxt, resolve_memory_budget, upgrade_net
 from .errors import CaffeFormatError, ParamMismatchError
 
 #: Exceptions that shape inference (JAX tracing) raises for a net that cannot be built.
@@ -49,6 +49,8 @@ def load_caffe(prototxt, caffemodel=None, *, memory_budget: int | None = None, *
             _warn_unused(net_arg, stored, caffemodel, kwargs.get("phase", "TEST"))
             return _with_model_path(_net.load_caffe, net_arg, stored, caffemodel, path,
                                     kwargs)
+        if caffemodel is not None:
+            check_param_dtypes(caffemodel)
         return _with_model_path(_net.load_caffe, net_arg, caffemodel, None, path, kwargs)
     except CaffeFormatError as e:
         raise e.with_context(path=path) from e.__cause__

@@ -18,7 +18,7 @@ import numpy as np
 from google.protobuf import message as pb_message
 from google.protobuf import text_format, unknown_fields
 
-from . import wire
+from . import _io, wire
 from ._io import atomic_write_bytes
 from .errors import CaffeFormatError
 from .proto import caffe_fast_pb2, caffe_pb2
@@ -170,23 +170,34 @@ def _file_size(path: PathLike, budget: int) -> int:
         size = os.stat(path).st_size
     except OSError as e:
         raise CaffeFormatError(f"cannot read: {e.strerror}", path=path) from None
+    _check_size(size, path, budget)
+    return size
+
+
+def _check_size(size: int, path: PathLike, budget: int) -> None:
     if size > PROTOBUF_LIMIT:
         raise CaffeFormatError(f"file of {size} bytes exceeds protobuf's 2 GiB limit "
                                f"({PROTOBUF_LIMIT} bytes)", path=path)
     if size > budget:
         raise CaffeFormatError(f"file of {size} bytes exceeds the memory budget of {budget} "
                                f"bytes (set {MEMORY_BUDGET_ENV} to raise it)", path=path)
-    return size
 
 
-def _read_bytes(path: PathLike, limit: int) -> bytes:
+def read_file(path: PathLike, budget: int | None = None) -> bytearray:
+    """The bytes of a Caffe file, bounded: only regular files (a FIFO never blocks), the
+    size checked against protobuf's 2 GiB limit and the memory budget *before* reading,
+    and exactly that many bytes allocated (a 112-byte file needs 112 bytes, not the
+    budget)."""
+    budget = resolve_memory_budget(budget)
     try:
-        with open(path, "rb") as f:
-            raw = f.read(limit + 1)
+        with _io.open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            _check_size(size, path, budget)
+            raw = _io.read_exactly(f, size)
+            if len(raw) != size or f.read(1):
+                raise CaffeFormatError("the file changed size while it was read", path=path)
     except OSError as e:
-        raise CaffeFormatError(f"cannot read: {e.strerror}", path=path) from None
-    if len(raw) > limit:  # the file grew since it was measured
-        raise CaffeFormatError(f"file exceeds the limit of {limit} bytes", path=path)
+        raise CaffeFormatError(f"cannot read: {e.strerror or e}", path=path) from None
     return raw
 
 
@@ -197,8 +208,7 @@ def read_prototxt(path: PathLike, *, memory_budget: int | None = None):
     nets without layers (an empty file, or one cut before its first layer).
     """
     budget = resolve_memory_budget(memory_budget)
-    _file_size(path, budget)
-    raw = _read_bytes(path, min(budget, PROTOBUF_LIMIT))
+    raw = read_file(path, budget)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -345,9 +355,7 @@ def read_caffemodel(path: PathLike, *, memory_budget: int | None = None):
     Files over protobuf's 2 GiB limit or the memory budget are refused before reading.
     """
     budget = resolve_memory_budget(memory_budget)
-    _file_size(path, budget)
-    raw = _read_bytes(path, min(budget, PROTOBUF_LIMIT))
-    return parse_caffemodel(raw, path)
+    return parse_caffemodel(bytes(read_file(path, budget)), path)
 
 
 def _parse(schema, raw: bytes, path: PathLike):
@@ -423,7 +431,7 @@ def check_wire_types(net, path: PathLike = "<net>") -> None:
             walk(layer, name if name and isinstance(name, str) else f"{kind}[{i}]", "")
 
 
-def _blob_dims(blob) -> tuple[int, ...]:
+def blob_dims(blob) -> tuple[int, ...]:
     """Caffe's ``Blob::FromProto``: the legacy 4-D dims when any is set, else ``shape``."""
     if _has_legacy_dims(blob):
         return tuple(int(d) for d in (blob.num, blob.channels, blob.height, blob.width))
@@ -485,7 +493,7 @@ def blob_to_array(blob, *, path: PathLike = "<net>", layer: str = "?", field: st
     allocating) and data whose length disagrees with the shape. Legacy 4-D blobs keep their
     4 dims.
     """
-    dims = _blob_dims(blob)
+    dims = blob_dims(blob)
     count = check_blob_dims(dims, path=path, layer=layer, field=field,
                             memory_budget=memory_budget)
     values, dtype, name = _blob_values(blob, path, layer, field)
@@ -568,6 +576,30 @@ def net_params(net, *, path: PathLike = "<net>",
     return params
 
 
+def check_param_dtypes(params: Mapping[str, Mapping[str, Any]], *,
+                       path: PathLike | None = None) -> None:
+    """Refuse parameters Caffe could not hold: every blob must be an array of real numbers
+    (``float``/``int``); boolean, complex, string or object arrays raise
+    ``CaffeFormatError`` naming the layer and blob (they are never cast)."""
+    if not isinstance(params, Mapping):
+        raise CaffeFormatError(f"params must map layer names to blobs, got "
+                               f"{type(params).__name__}", path=path, field="params")
+    for layer, blobs in params.items():
+        if not isinstance(blobs, Mapping):
+            raise CaffeFormatError(f"expected a mapping of blob names to arrays, got "
+                                   f"{type(blobs).__name__}", path=path, layer=str(layer),
+                                   field="params")
+        for name, value in blobs.items():
+            dtype = getattr(value, "dtype", None)
+            if dtype is None:
+                dtype = np.asarray(value).dtype
+            dtype = np.dtype(dtype)
+            if dtype.kind not in "iuf":
+                raise CaffeFormatError(f"dtype {dtype} is not a real number type (Caffe's "
+                                       "blobs are float)", path=path, layer=str(layer),
+                                       field=str(name))
+
+
 def load_caffemodel(path: PathLike, *, memory_budget: int | None = None) -> Params:
     """Read a ``.caffemodel`` (V1 or V2) into ``params[layer_name][blob_name]`` arrays.
 
@@ -580,14 +612,16 @@ def load_caffemodel(path: PathLike, *, memory_budget: int | None = None) -> Para
     each array is a view of it (``converters.wire``); unusual encodings take the full parser.
     """
     budget = resolve_memory_budget(memory_budget)
-    _file_size(path, budget)
-    raw = bytearray(_read_bytes(path, min(budget, PROTOBUF_LIMIT)))
+    raw = read_file(path, budget)
     scan = wire.scan_caffemodel(raw)
     if scan is None:
         return net_params(parse_caffemodel(bytes(raw), path), path=path, memory_budget=budget)
     stripped, refs = scan
     plain = _parse(caffe_fast_pb2, stripped, path)
     check_wire_types(plain, path)
+    if plain.layer and plain.layers:
+        raise CaffeFormatError("net mixes V1 'layers' and V2 'layer' fields", path=path,
+                               field="layers")
     layers = list(plain.layer) or list(plain.layers)
     by_name: dict[str, list] = {}
     for i, (layer, blob_refs) in enumerate(zip(layers, refs, strict=True)):
@@ -618,10 +652,10 @@ def load_caffemodel(path: PathLike, *, memory_budget: int | None = None) -> Para
 def read_net(path: PathLike, *, memory_budget: int | None = None):
     """Read a net definition from a ``.prototxt`` or the structure of a ``.caffemodel``."""
     try:
-        with open(path, "rb") as f:
+        with _io.open_regular(path) as f:
             head = f.read(64)
     except OSError as e:
-        raise CaffeFormatError(f"cannot read: {e.strerror}", path=path) from None
+        raise CaffeFormatError(f"cannot read: {e.strerror or e}", path=path) from None
     if _looks_binary(head):
         return read_caffemodel(path, memory_budget=memory_budget)
     return read_prototxt(path, memory_budget=memory_budget)
@@ -733,7 +767,7 @@ def _legacy_records(like, budget: int) -> dict[str, dict[int, tuple[int, ...]]]:
             return records
         like = parse_caffemodel(raw, like)
     for layer in list(like.layer) + list(like.layers):
-        found = {j: _blob_dims(b) for j, b in enumerate(layer.blobs) if _has_legacy_dims(b)}
+        found = {j: blob_dims(b) for j, b in enumerate(layer.blobs) if _has_legacy_dims(b)}
         if found:
             records[layer.name] = found
     return records

@@ -19,6 +19,12 @@ def _clean(text: str, limit: int = MAX_MESSAGE) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def printable(text: object, limit: int = 200) -> str:
+    """``text`` (a layer or blob name from a file) safe to print: one line, control
+    characters and terminal escapes shown as ``\\xNN``, cut to ``limit`` characters."""
+    return _clean(str(text), limit)
+
+
 class CaffeFormatError(ValueError):
     """A Caffe file (or our checkpoint) is malformed or does not match its net.
 

@@ -14,6 +14,7 @@ from typing import IO
 
 import numpy as np
 
+from ._io import open_regular, read_exactly
 from .caffe_io import resolve_memory_budget
 from .errors import CaffeFormatError
 
@@ -42,21 +43,12 @@ def _read_header(f: IO[bytes], path: PathLike, field: str | None
                                field=field)
     if any(d < 0 for d in shape):
         raise CaffeFormatError(f"negative dimension in shape {shape}", path=path, field=field)
+    # numpy refuses ("array is too big") any shape whose non-zero dims overflow its index
+    # type, even an empty one such as (0, 3, 2**31, 2**31)
+    if math.prod(max(int(d), 1) for d in shape) * dtype.itemsize > np.iinfo(np.intp).max:
+        raise CaffeFormatError(f"shape {tuple(shape)} is too large for any array", path=path,
+                               field=field)
     return tuple(int(d) for d in shape), bool(fortran), dtype
-
-
-def _read_exact(f: IO[bytes], need: int) -> bytearray:
-    """``need`` bytes into a fresh writable buffer (shorter if the stream ends first)."""
-    buf = bytearray(need)
-    view = memoryview(buf)
-    got = 0
-    while got < need:
-        n = f.readinto(view[got:])
-        if not n:
-            del buf[got:]
-            break
-        got += n
-    return buf
 
 
 def _finish(buf: bytearray, shape, fortran: bool, dtype: np.dtype) -> np.ndarray:
@@ -70,7 +62,7 @@ def load_npy(path: PathLike, *, memory_budget: int | None = None) -> np.ndarray:
     """Read a ``.npy`` array (numeric dtypes only); see the module docstring."""
     budget = resolve_memory_budget(memory_budget)
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             if f.read(6) != _NPY_MAGIC:
                 raise CaffeFormatError("not a .npy file (no NumPy magic)", path=path)
             f.seek(0)
@@ -83,9 +75,9 @@ def load_npy(path: PathLike, *, memory_budget: int | None = None) -> np.ndarray:
             if have < need:
                 raise CaffeFormatError(f"truncated: shape {shape} needs {need} bytes of data, "
                                        f"the file holds {have}", path=path)
-            buf = _read_exact(f, need)
+            buf = read_exactly(f, need)
     except OSError as e:
-        raise CaffeFormatError(f"cannot read: {e.strerror}", path=path) from None
+        raise CaffeFormatError(f"cannot read: {e.strerror or e}", path=path) from None
     if len(buf) != need:
         raise CaffeFormatError("truncated while reading", path=path)
     return _finish(buf, shape, fortran, dtype)
@@ -99,7 +91,7 @@ def load_npz(path: PathLike, *, memory_budget: int | None = None) -> dict[str, n
     out: dict[str, np.ndarray] = {}
     total = 0
     try:
-        with zipfile.ZipFile(path) as z:
+        with open_regular(path) as raw, zipfile.ZipFile(raw) as z:
             for info in z.infolist():
                 name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
                 if info.file_size > budget - total:
@@ -111,7 +103,7 @@ def load_npz(path: PathLike, *, memory_budget: int | None = None) -> dict[str, n
                     if need > info.file_size:
                         raise CaffeFormatError(f"shape {shape} needs {need} bytes, the member "
                                                f"holds {info.file_size}", path=path, field=name)
-                    buf = _read_exact(f, need)
+                    buf = read_exactly(f, need)
                 if len(buf) != need:
                     raise CaffeFormatError("truncated member", path=path, field=name)
                 total += need
@@ -127,4 +119,59 @@ def load_npz(path: PathLike, *, memory_budget: int | None = None) -> dict[str, n
     return out
 
 
-__all__ = ["load_npy", "load_npz"]
+# ----------------------------------------------------------------------------- member names
+
+#: Longest npz member name zip can store (a 16-bit length), ``.npy`` suffix included.
+MAX_MEMBER_NAME = 65535
+
+
+def encode_member_name(name: str) -> str:
+    """The npz member name (without ``.npy``) for a blob name, reversibly
+    (``decode_member_name`` gives ``name`` back).
+
+    Percent-encoded as ``%XX`` (the UTF-8 bytes): ``%`` itself, ``\\``, control and other
+    non-printing characters (NUL, terminal escapes), and every ``/`` when the name, read as a
+    path, is absolute or has an empty, ``.`` or ``..`` part (``../x`` becomes ``..%2Fx``).
+    Ordinary names are unchanged, ``/`` included (``inception_3a/1x1``), so readers that
+    index the archive by plain names keep working; ``load_blobs`` decodes every name.
+    """
+    import unicodedata
+
+    parts = name.split("/")
+    plain_slashes = len(parts) > 1 and all(p not in ("", ".", "..") for p in parts)
+    out = []
+    for ch in name:
+        if ch in "%\\" or (ch == "/" and not plain_slashes) or (
+                unicodedata.category(ch)[0] in "CZ" and ch != " "):
+            out.append("".join(f"%{b:02X}" for b in ch.encode("utf-8", "surrogatepass")))
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def decode_member_name(key: str) -> str:
+    """The blob name of an npz key written with ``encode_member_name``: the key as
+    ``np.load``/``load_npz`` give it, i.e. the zip member name without its ``.npy``."""
+    from urllib.parse import unquote
+
+    return unquote(key, encoding="utf-8", errors="surrogatepass")
+
+
+def check_member_names(names, *, path: PathLike | None = None) -> dict[str, str]:
+    """``{name: member}`` for blob names to be stored in one npz, refusing a name too long
+    for a zip member (zipfile would fail with ``struct.error``)."""
+    out = {}
+    for name in names:
+        member = encode_member_name(name)
+        size = len((member + ".npy").encode("utf-8"))
+        if size > MAX_MEMBER_NAME:
+            raise CaffeFormatError(f"blob name of {len(name.encode('utf-8', 'replace'))} "
+                                   f"bytes is too long for an npz member ({MAX_MEMBER_NAME} "
+                                   "bytes at most, encoded, with .npy); choose blobs with "
+                                   "--outputs", path=path, field=f"blob {name[:60]!r}")
+        out[name] = member
+    return out
+
+
+__all__ = ["MAX_MEMBER_NAME", "check_member_names", "decode_member_name",
+           "encode_member_name", "load_npy", "load_npz"]

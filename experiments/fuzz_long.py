@@ -6,11 +6,17 @@ Targets (each fed arbitrary bytes, seeded with the real reference files in tests
   caffemodel  converters.parse_caffemodel + net_params, and the zero-copy wire scanner
   prototxt    converters.parse_prototxt + fcn_jax.net.compile_net (structure checks)
   checkpoint  fcn_jax.checkpoint.parse_checkpoint (format 2 and legacy 1)
-  mean        fcn_jax.preprocess.parse_blobproto (binaryproto means)
+  mean        converters.mean.parse_binaryproto (binaryproto means; packed and unpacked)
   npy         converters.npy.load_npy / load_npz
+  image       fcn_jax.images.read_image (multi-frame GIF/APNG/TIFF, palette, 16-bit, JPEG,
+              a 3-frame 8000x8000 GIF bomb; pixel budget 2 Mpx)
+  annotations fcn_jax.data.read_annotations (JSON lines; extreme numbers spliced in)
+  npzname     fcn_jax.io_utils.save_blobs / load_blobs (arbitrary blob names, NUL, ../, %)
 
-A "crash" is any exception other than the documented one (CaffeFormatError; ValueError
-for the binaryproto mean parser), or a message that is not one line. Unique crashes (by type
+A "crash" is any exception other than the documented one (CaffeFormatError, of which
+ImageError is one), a message that is not one line, or a result breaking the reader's
+contract (an image over the pixel budget, a non-finite or out-of-range box, a blob name that
+does not come back). Unique crashes (by type
 and place) are saved under results/fuzz_crashes/. Prints a table and writes
 results/fuzz_long.json.
 
@@ -34,7 +40,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
 RESULTS = ROOT / "results"
-TARGETS = ("caffemodel", "prototxt", "checkpoint", "mean", "npy")
+TARGETS = ("caffemodel", "prototxt", "checkpoint", "mean", "npy", "image", "annotations",
+           "npzname")
 
 
 # ----------------------------------------------------------------------------- seeds
@@ -78,14 +85,47 @@ def seeds(target: str) -> list[bytes]:
         shaped = caffe_pb2.BlobProto()
         shaped.shape.dim.extend([3, 1, 1])
         shaped.double_data.extend(mean)
-        return [legacy.SerializeToString(), shaped.SerializeToString()]
+        unpacked = caffe_pb2.BlobProto(num=1, channels=3, height=1, width=1).SerializeToString()
+        unpacked += b"".join(b"\x2d" + np.float32(v).tobytes() for v in mean)
+        return [legacy.SerializeToString(), shaped.SerializeToString(), unpacked]
     if target == "npy":
         mean = np.load(DATA / "source" / "ilsvrc_2012_mean_bgr.npy", allow_pickle=False)
         a, z = io.BytesIO(), io.BytesIO()
         np.save(a, mean)
         np.savez_compressed(z, mean=mean, grid=np.arange(6, dtype=np.int16).reshape(2, 3))
         return [a.getvalue(), z.getvalue()]
+    if target == "image":
+        sys.path.insert(0, str(ROOT / "tests"))
+        from test_fuzz import _IMAGES
+
+        return list(_IMAGES)
+    if target == "annotations":
+        lines = [{"image": "a.png", "boxes": [[1, 2, 30, 40, 1], [5.5, 6, 7, 8.25, 3]]},
+                 {"image": "/abs/b.jpg", "boxes": []},
+                 {"image": "c.png", "boxes": [[0, 0, 1e3, 2e3, 65535]]}]
+        return ["\n".join(json.dumps(x) for x in lines[:k]).encode() + b"\n"
+                for k in (1, 2, 3)]
+    if target == "npzname":
+        return [b"conv1\0conv1/relu\0inception_3a/1x1", b"a\0a%00\0../x\0/y\0\x1b[31m",
+                "é\0名前\0.\0..\0".encode(), b"file\0allow_pickle\0.npy\0a.npy"]
     raise ValueError(target)
+
+
+_EXTREME = [b"0", b"-1", b"1e308", b"-1e308", b"NaN", b"Infinity", b"1000000000", b"65536",
+            b"16777217", b"1e999", b"true", b"null", b'"x"', b"[]", b"1" + b"0" * 400]
+
+
+def extra_mutation(target: str, data: bytes, rng) -> bytes:
+    """Target-aware mutations: for annotations, a number replaced by an extreme value."""
+    import re
+
+    if target != "annotations":
+        return data
+    nums = list(re.finditer(rb"-?\d+(\.\d+)?(e-?\d+)?", data))
+    if not nums:
+        return data
+    m = rng.choice(nums)
+    return data[:m.start()] + rng.choice(_EXTREME) + data[m.end():]
 
 
 # ----------------------------------------------------------------------------- targets
@@ -144,13 +184,80 @@ def make_target(target: str, scratch: Path):
                 expect_one_line(e)
         return fn
     if target == "mean":
-        from fcn_jax.preprocess import parse_blobproto
+        from converters.mean import parse_binaryproto
 
         def fn(data: bytes) -> None:
             try:
-                parse_blobproto(data, "f")
-            except ValueError as e:
+                arr = parse_binaryproto(data, "f", memory_budget=2**30)
+            except CaffeFormatError as e:
                 expect_one_line(e)
+                return
+            if arr.dtype.kind != "f" or arr.size == 0:
+                raise AssertionError(f"bad mean {arr.dtype} {arr.shape}")
+        return fn
+    if target == "image":
+        from fcn_jax.images import ImageError, read_image
+
+        path = scratch / "x.img"
+
+        def fn(data: bytes) -> None:
+            path.write_bytes(data)
+            try:
+                img = read_image(path, max_pixels=2_000_000)
+            except ImageError as e:
+                expect_one_line(e)
+                return
+            if img.dtype.name != "float32" or img.ndim != 3 or img.shape[2] != 3 \
+                    or img.shape[0] * img.shape[1] > 2_000_000:
+                raise AssertionError(f"bad image {img.dtype} {img.shape}")
+        return fn
+    if target == "annotations":
+        import numpy as np
+
+        from fcn_jax import data as D
+
+        path = scratch / "ann.jsonl"
+
+        def fn(data: bytes) -> None:
+            path.write_bytes(data)
+            try:
+                records = D.read_annotations(path)
+            except CaffeFormatError as e:
+                expect_one_line(e)
+                return
+            for _, arr in records:
+                b = arr.reshape(-1, 5)
+                ok = (np.all(np.isfinite(b)) and np.all(np.abs(b[:, :4]) <= D.MAX_COORD)
+                      and np.all(b[:, 2] > b[:, 0]) and np.all(b[:, 3] > b[:, 1])
+                      and np.all((b[:, 4] >= 1) & (b[:, 4] <= D.MAX_LABEL))
+                      and np.all(b[:, 4] == np.round(b[:, 4])))
+                if not ok:
+                    raise AssertionError(f"invalid boxes accepted: {b.tolist()[:3]}")
+            D.label_gaps({int(v) for _, a in records for v in a[:, 4]})
+        return fn
+    if target == "npzname":
+        import zipfile
+
+        import numpy as np
+
+        from fcn_jax.io_utils import load_blobs, save_blobs
+
+        path = scratch / "b.npz"
+
+        def fn(data: bytes) -> None:
+            names = list(dict.fromkeys(data.decode("utf-8", "replace").split("\0")))[:8]
+            blobs = {n: np.full(1, i, np.float32) for i, n in enumerate(names)}
+            try:
+                written = save_blobs(path, blobs)
+            except CaffeFormatError as e:
+                expect_one_line(e)
+                return
+            with zipfile.ZipFile(path) as z:
+                members = z.namelist()
+            back = load_blobs(path)
+            if written != len(names) or len(members) != len(names) or sorted(back) != sorted(
+                    names) or any(m.startswith(("/", "../")) or "/../" in m for m in members):
+                raise AssertionError(f"names {names!r} came back as {sorted(back)!r}")
         return fn
     if target == "npy":
         from converters.npy import load_npy, load_npz
@@ -212,9 +319,13 @@ def child_atheris(target: str, seconds: int, out: Path) -> None:
 
     with atheris.instrument_imports(include=["converters", "fcn_jax"]):
         import converters  # noqa: F401
+        import converters.mean  # noqa: F401
         import converters.npy  # noqa: F401
         import converters.wire  # noqa: F401
         import fcn_jax.checkpoint  # noqa: F401
+        import fcn_jax.data  # noqa: F401
+        import fcn_jax.images  # noqa: F401
+        import fcn_jax.io_utils  # noqa: F401
         import fcn_jax.net  # noqa: F401
         import fcn_jax.preprocess  # noqa: F401
     scratch = Path(tempfile.mkdtemp())
@@ -268,7 +379,9 @@ def run_hypothesis(target: str, seconds: int) -> dict:
     start = time.monotonic()
     while time.monotonic() - start < seconds:
         b = bytearray(rng.choice(pool))
-        for _ in range(rng.randint(1, 4)):
+        if rng.random() < 0.5:
+            b = bytearray(extra_mutation(target, bytes(b), rng))
+        for _ in range(rng.randint(0 if target == "annotations" else 1, 4)):
             if not b:
                 break
             k, at = rng.randrange(5), rng.randrange(len(b))

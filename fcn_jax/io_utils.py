@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -29,6 +29,9 @@ __all__ = [
     "atomic_save_npz",
     "atomic_save_json",
     "atomic_savefig",
+    "load_blobs",
+    "prepare_output",
+    "save_blobs",
 ]
 
 PathLike = str | os.PathLike
@@ -102,3 +105,65 @@ def atomic_savefig(fig: Any, path: PathLike, **kw: Any) -> Path:
     if suffix and "format" not in kw:
         kw["format"] = suffix
     return atomic_write(path, lambda f: fig.savefig(f, **kw), mode="wb")
+
+
+def save_blobs(path: PathLike, blobs: Mapping[str, Any]) -> int:
+    """Save blobs by Caffe name as an ``.npz``, atomically, with member names encoded
+    reversibly (``converters.npy.encode_member_name``: NUL, ``../``, ``%``... cannot merge
+    two blobs or escape the archive); returns the number of members the written archive
+    holds (checked by reading its directory back). ``load_blobs`` reads it."""
+    import zipfile
+
+    from converters.npy import check_member_names
+
+    members = check_member_names(blobs, path=path)
+    arrays = {members[k]: np.asarray(v) for k, v in blobs.items()}
+
+    def write(f: IO[bytes]) -> None:
+        # not np.savez(f, **arrays): a blob named "file" or "allow_pickle" would collide
+        # with its parameters
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+            for member, arr in arrays.items():
+                with z.open(member + ".npy", "w", force_zip64=True) as m:
+                    np.lib.format.write_array(m, arr, allow_pickle=False)
+
+    atomic_write(path, write, mode="wb")
+    with zipfile.ZipFile(path) as z:
+        written = len(z.namelist())
+    if written != len(blobs):
+        raise OSError(f"{path}: the archive holds {written} members for {len(blobs)} blobs")
+    return written
+
+
+def load_blobs(path: PathLike) -> dict[str, np.ndarray]:
+    """The blobs of an ``.npz`` written by ``save_blobs`` (``fcn-jax run --blobs``), keyed by
+    their Caffe names (member names decoded); safe on untrusted files (no pickle, budget)."""
+    from converters.npy import decode_member_name, load_npz
+
+    return {decode_member_name(k): v for k, v in load_npz(path).items()}
+
+
+def prepare_output(path: PathLike, inputs: Sequence[PathLike] = (), *,
+                   create: bool = True) -> Path:
+    """Ready ``path`` to be written by a command: refused (``CaffeFormatError``) when it is
+    one of the command's ``inputs`` (writing would replace what is being read), and, with
+    ``create``, its folder created if missing (every command does this alike)."""
+    from converters import CaffeFormatError
+
+    out = Path(os.fspath(path))
+    for src in inputs:
+        if src is None:
+            continue
+        if _same_file(out, Path(os.fspath(src))):
+            raise CaffeFormatError(f"the output would replace the input {os.fspath(src)}",
+                                   path=out)
+    if create:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)

@@ -42,11 +42,13 @@ from converters import CaffeFormatError
 from converters._io import atomic_write_bytes
 from converters.caffe_io import resolve_memory_budget
 
+from . import images as _images
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
                     ".ppm", ".pgm", ".pnm")
 JOURNAL = "results.jsonl"
 #: Images with more pixels than this are skipped unread (decompression bombs, memory).
-MAX_PIXELS = 64_000_000
+MAX_PIXELS = _images.MAX_PIXELS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,31 +129,20 @@ def list_images(paths: Sequence[str | os.PathLike] = (), directory: str | os.Pat
 
 def load_and_preprocess(path: str, transformer, *, max_pixels: int = MAX_PIXELS
                         ) -> np.ndarray:
-    """One image as the net's ``(C, H, W)`` float32 input (``fcn_jax.preprocess``); raises on
-    an unreadable, corrupt or oversized image."""
+    """One image as the net's ``(C, H, W)`` float32 input (``fcn_jax.preprocess``); raises
+    ``fcn_jax.images.ImageError`` on an unreadable, corrupt, oversized or non-regular file
+    (only the first frame of a multi-frame image is read)."""
     from fcn_jax.preprocess import load_image, preprocess
 
-    _check_pixels(path, max_pixels)
     color = transformer.input_shape[0] != 1
-    img = load_image(path, color=color)
-    if img.ndim != 3 or min(img.shape[:2]) < 1:
-        raise ValueError(f"image of shape {img.shape}")
+    img = load_image(path, color=color, max_pixels=max_pixels)
     return preprocess(transformer, img)
 
 
-def _check_pixels(path: str, max_pixels: int) -> None:
-    """Refuse huge images from their header, before decoding them."""
-    try:
-        from PIL import Image
-    except ImportError:  # pragma: no cover - pillow comes with scikit-image's imageio
-        return
-    with Image.open(path) as im:  # reads the header only
-        w, h = im.size
-    if w * h > max_pixels:
-        raise ValueError(f"{w}x{h} image has more than {max_pixels} pixels")
-
-
 def _reason(e: BaseException) -> str:
+    """Why an image was skipped, one line: an ``ImageError``'s own reason, else the type."""
+    if isinstance(e, CaffeFormatError):
+        return " ".join(e.reason.split())[:300]
     text = " ".join(str(e).split()) or type(e).__name__
     return f"{type(e).__name__}: {text[:300]}"
 

@@ -47,37 +47,26 @@ __all__ = [
 # tests/data/source/ilsvrc_2012_mean_bgr.npy).
 _IMAGENET_MEAN_BGR = (104.0069879317889, 116.66876761696767, 122.6789143406786)
 
-# Largest number of elements accepted from a mean file.
-_MAX_ELEMENTS = 2**31
-
 
 # --------------------------------------------------------------------------- image IO
 
 
-def load_image(path: str | os.PathLike, color: bool = True) -> np.ndarray:
+def load_image(path: str | os.PathLike, color: bool = True, *,
+               max_pixels: int | None = None) -> np.ndarray:
     """Load an image as float32 in [0, 1], like ``caffe.io.load_image``.
 
     Returns ``H x W x 3`` RGB when ``color`` is true (gray images are tiled to
     three channels, alpha is dropped), else ``H x W x 1`` intensity (color
-    images are converted with scikit-image's ``rgb2gray``).
+    images are converted with scikit-image's ``rgb2gray``). Only the first frame
+    of a multi-frame file is read, only regular files are opened, and the pixel
+    count is checked from the header (``max_pixels``, default
+    ``fcn_jax.images.MAX_PIXELS``): see :func:`fcn_jax.images.read_image`, the
+    reader every command uses. Errors raise ``fcn_jax.images.ImageError``.
     """
-    import skimage
-    import skimage.io
+    from .images import MAX_PIXELS, read_image
 
-    raw = skimage.io.imread(os.fspath(path), as_gray=not color)
-    # img_as_float (float64) then float32, exactly as pycaffe does.
-    img = skimage.img_as_float(raw).astype(np.float32)
-    if img.ndim == 2:
-        img = img[:, :, np.newaxis]
-        if color:
-            img = np.tile(img, (1, 1, 3))
-    elif img.ndim == 3 and img.shape[2] == 4:
-        img = img[:, :, :3]
-    elif img.ndim == 3 and img.shape[2] == 2:  # gray + alpha (extension)
-        img = img[:, :, :1]
-        if color:
-            img = np.tile(img, (1, 1, 3))
-    return np.ascontiguousarray(img)
+    return read_image(path, color, max_pixels=MAX_PIXELS if max_pixels is None
+                      else max_pixels)
 
 
 def resize_image(im: np.ndarray, new_dims: tuple[int, int], interp_order: int = 1) -> np.ndarray:
@@ -320,227 +309,18 @@ def imagenet_mean_bgr() -> np.ndarray:
 
 
 def load_mean(path: str | os.PathLike) -> np.ndarray:
-    """Load a mean from a ``.npy`` file or a Caffe ``.binaryproto`` (BlobProto) file.
+    """Load a mean from a ``.npy`` file or a Caffe ``.binaryproto`` (BlobProto) file, as
+    float64; a legacy ``(1, C, H, W)`` blob comes back as ``(C, H, W)``. The reader is
+    ``converters.mean.load_mean`` (bounded like the caffemodel reader); malformed input
+    raises ``CaffeFormatError`` (a ``ValueError``) naming the file."""
+    from converters.mean import load_mean as _load_mean
 
-    The format is detected from the content (NumPy magic), not the suffix. A binaryproto
-    blob with the legacy 4-D shape ``(1, C, H, W)`` is returned as ``(C, H, W)``. Returns
-    float64. Malformed input raises ``CaffeFormatError`` (a ``ValueError``) naming the file.
-    """
-    from converters import CaffeFormatError
-    from converters.npy import load_npy
-
-    path = os.fspath(path)
-    with open(path, "rb") as f:
-        magic = f.read(6)
-    if magic == b"\x93NUMPY":
-        arr = load_npy(path)
-        if arr.dtype.kind not in "biuf":
-            raise CaffeFormatError(f"mean must be a numeric array, got dtype {arr.dtype}",
-                                   path=path)
-    else:
-        with open(path, "rb") as f:
-            arr = parse_blobproto(f.read(), source=path)
-        if arr.ndim == 4:
-            if arr.shape[0] != 1:
-                raise CaffeFormatError(f"mean blob has num={arr.shape[0]}, expected 1",
-                                       path=path, field="num")
-            arr = arr[0]
-    if arr.size == 0:
-        raise CaffeFormatError(f"empty mean (shape {arr.shape})", path=path)
-    return arr.astype(np.float64)
-
-
-# Minimal protobuf wire-format reader for caffe.BlobProto, with protobuf's rules (a field
-# whose wire type does not match the schema is an unknown field, skipped; int32 keeps the
-# low 32 bits), strict about truncation and lengths:
-#   message BlobShape { repeated int64 dim = 1 [packed = true]; }
-#   message BlobProto {
-#     optional BlobShape shape = 7;
-#     repeated float data = 5 [packed = true];  repeated float diff = 6 [packed = true];
-#     repeated double double_data = 8 [packed = true];  repeated double double_diff = 9 [...];
-#     optional Type raw_data_type = 10; optional bytes raw_data = 12;  (NVIDIA Caffe)
-#     optional int32 num = 1; channels = 2; height = 3; width = 4;  (legacy 4-D shape)
-#   }
-
-_VARINT, _FIXED64, _LEN, _FIXED32 = 0, 1, 2, 5
-_LEGACY_FIELDS = {1: "num", 2: "channels", 3: "height", 4: "width"}
-
-
-class _Reader:
-    def __init__(self, buf: bytes, source: str) -> None:
-        self.buf = memoryview(buf)
-        self.source = source
-
-    def fail(self, field: str, msg: str) -> ValueError:
-        from converters import CaffeFormatError
-
-        return CaffeFormatError(f"malformed BlobProto: {msg}", path=self.source, field=field)
-
-    def varint(self, pos: int, end: int, field: str) -> tuple[int, int]:
-        result = shift = 0
-        for i in range(10):
-            if pos + i >= end:
-                raise self.fail(field, "truncated varint")
-            b = self.buf[pos + i]
-            if i == 9 and b > 1:
-                raise self.fail(field, "varint longer than 64 bits")
-            result |= (b & 0x7F) << shift
-            shift += 7
-            if not b & 0x80:
-                return result, pos + i + 1
-        raise self.fail(field, "varint longer than 10 bytes")
-
-    def length(self, pos: int, end: int, field: str) -> tuple[int, int]:
-        n, pos = self.varint(pos, end, field)
-        if n > end - pos:
-            raise self.fail(field, f"length {n} runs past the end of the message")
-        return pos, pos + n
-
-    def skip(self, wire: int, pos: int, end: int, field: str) -> int:
-        if wire == _VARINT:
-            return self.varint(pos, end, field)[1]
-        if wire == _LEN:
-            return self.length(pos, end, field)[1]
-        size = {_FIXED64: 8, _FIXED32: 4}.get(wire)
-        if size is None:
-            raise self.fail(field, f"unsupported wire type {wire}")
-        if pos + size > end:
-            raise self.fail(field, "truncated fixed-width value")
-        return pos + size
-
-
-def _to_int64(v: int) -> int:
-    return v - (1 << 64) if v >= 1 << 63 else v
-
-
-def _to_int32(v: int) -> int:
-    """Protobuf's int32 from a varint: the low 32 bits, two's complement."""
-    v &= 0xFFFFFFFF
-    return v - (1 << 32) if v >= 1 << 31 else v
-
-
-def _parse_blobshape(r: _Reader, pos: int, end: int) -> list[int]:
-    dims: list[int] = []
-    while pos < end:
-        key, pos = r.varint(pos, end, "shape")
-        field, wire = key >> 3, key & 7
-        if field == 0:
-            raise r.fail("shape", "field number 0")
-        if field != 1:
-            pos = r.skip(wire, pos, end, f"shape.{field}")
-            continue
-        if wire == _LEN:
-            start, stop = r.length(pos, end, "shape.dim")
-            p = start
-            while p < stop:
-                v, p = r.varint(p, stop, "shape.dim")
-                dims.append(_to_int64(v))
-            pos = stop
-        elif wire == _VARINT:
-            v, pos = r.varint(pos, end, "shape.dim")
-            dims.append(_to_int64(v))
-        else:  # a wire type the schema does not allow: an unknown field
-            pos = r.skip(wire, pos, end, "shape.dim")
-        if len(dims) > 32:
-            raise r.fail("shape.dim", "more than 32 axes")
-    return dims
-
-
-def _read_floats(
-    r: _Reader, wire: int, pos: int, end: int, field: str, chunks: list[np.ndarray], width: int
-) -> int:
-    fmt = "<f4" if width == 4 else "<f8"
-    if wire == _LEN:
-        start, stop = r.length(pos, end, field)
-        if (stop - start) % width:
-            raise r.fail(field, f"packed length {stop - start} is not a multiple of {width}")
-        chunks.append(np.frombuffer(r.buf[start:stop], dtype=fmt))
-        return stop
-    if wire == (_FIXED32 if width == 4 else _FIXED64):
-        if pos + width > end:
-            raise r.fail(field, "truncated value")
-        chunks.append(np.frombuffer(r.buf[pos : pos + width], dtype=fmt))
-        return pos + width
-    return r.skip(wire, pos, end, field)  # another wire type: an unknown field
+    return _load_mean(path)
 
 
 def parse_blobproto(buf: bytes, source: str = "<bytes>") -> np.ndarray:
-    """Decode a serialized ``caffe.BlobProto`` into an array of its ``data``.
+    """Decode a serialized ``caffe.BlobProto`` (``converters.mean.parse_binaryproto``):
+    float64 from ``double_data`` when present, else float32 from ``data``."""
+    from converters.mean import parse_binaryproto
 
-    Uses ``double_data`` when present (as Caffe does), else ``data`` (float32), else
-    NVIDIA Caffe's ``raw_data`` (FLOAT16 read exactly as float32, FLOAT, DOUBLE). The
-    shape is the legacy ``(num, channels, height, width)`` when any of those fields is set
-    (as pycaffe's ``blobproto_to_array``), else ``shape.dim``.
-    Raises ``ValueError`` (mentioning ``source`` and the field) on malformed input,
-    negative dims, more than 2**31 elements or a data length that does not match.
-    """
-    r = _Reader(bytes(buf), source)
-    end = len(r.buf)
-    pos = 0
-    legacy: dict[int, int] = {}
-    dims: list[int] | None = None
-    data: list[np.ndarray] = []
-    double_data: list[np.ndarray] = []
-    unused: list[np.ndarray] = []
-    raw: tuple[int, int] | None = None
-    raw_type: int | None = None
-    while pos < end:
-        key, pos = r.varint(pos, end, "tag")
-        field, wire = key >> 3, key & 7
-        if field == 0:
-            raise r.fail("tag", "field number 0")
-        if field in _LEGACY_FIELDS:
-            name = _LEGACY_FIELDS[field]
-            if wire != _VARINT:
-                pos = r.skip(wire, pos, end, name)
-                continue
-            v, pos = r.varint(pos, end, name)
-            legacy[field] = _to_int32(v)
-        elif field == 7 and wire == _LEN:
-            start, stop = r.length(pos, end, "shape")
-            # repeated occurrences of an embedded message merge: dims concatenate
-            dims = (dims or []) + _parse_blobshape(r, start, stop)
-            pos = stop
-        elif field == 5:
-            pos = _read_floats(r, wire, pos, end, "data", data, 4)
-        elif field == 8:
-            pos = _read_floats(r, wire, pos, end, "double_data", double_data, 8)
-        elif field == 6:
-            pos = _read_floats(r, wire, pos, end, "diff", unused, 4)
-        elif field == 9:
-            pos = _read_floats(r, wire, pos, end, "double_diff", unused, 8)
-        elif field == 10 and wire == _VARINT:
-            raw_type, pos = r.varint(pos, end, "raw_data_type")
-        elif field == 12 and wire == _LEN:
-            raw = r.length(pos, end, "raw_data")
-            pos = raw[1]
-        else:
-            pos = r.skip(wire, pos, end, str(field))
-
-    if legacy:
-        shape = [legacy.get(f, 0) for f in (1, 2, 3, 4)]
-        shape_field = "num/channels/height/width"
-    elif dims is not None:
-        shape = dims
-        shape_field = "shape.dim"
-    else:
-        raise r.fail("shape", "no shape (neither shape.dim nor num/channels/height/width)")
-    if any(d < 0 for d in shape):
-        raise r.fail(shape_field, f"negative dimension in {tuple(shape)}")
-    count = math.prod(shape)
-    if count > _MAX_ELEMENTS:
-        raise r.fail(shape_field, f"{tuple(shape)} has {count} elements, more than 2**31")
-
-    values, data_field = (double_data, "double_data") if double_data else (data, "data")
-    if not any(v.size for v in values) and raw is not None:
-        fmt = {0: "<f8", 1: "<f4", 2: "<f2"}.get(raw_type)
-        if fmt is None:
-            raise r.fail("raw_data_type", f"{raw_type} is not a float type (or is missing)")
-        if (raw[1] - raw[0]) % int(fmt[-1]):
-            raise r.fail("raw_data", f"length {raw[1] - raw[0]} is not a multiple of {fmt[-1]}")
-        half = np.frombuffer(r.buf[raw[0]:raw[1]], dtype=fmt)
-        values, data_field = [half.astype("<f4") if fmt == "<f2" else half], "raw_data"
-    flat = np.concatenate(values) if values else np.zeros(0, dtype="<f4")
-    if flat.size != count:
-        raise r.fail(data_field, f"{flat.size} values for shape {tuple(shape)} ({count} expected)")
-    return flat.astype(flat.dtype.newbyteorder("="), copy=True).reshape(shape)
+    return parse_binaryproto(buf, source)

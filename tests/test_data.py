@@ -39,6 +39,19 @@ def test_annotations_round_trip_and_relative_paths(tmp_path):
     ('{"image": "x.png", "boxes": [[0, 0, 5, 5, 1.5]]}', "line 2: boxes[0]", "label"),
     ('{"image": "x.png", "boxes": [[0, 0, "5", 5, 1]]}', "line 2: boxes[0]", "numbers"),
     ('{"image": "x.png", "boxes": {"a": 1}}', "line 2: boxes", "list"),
+    # values: a label of 1e9 would build 1e9 class names; coordinates near 1e308 overflow
+    ('{"image": "x.png", "boxes": [[0, 0, 5, 5, 1000000000]]}', "line 2: boxes[0]",
+     "label must be an integer from 1 to 65535"),
+    ('{"image": "x.png", "boxes": [[0, 0, 5, 5, 1e300]]}', "line 2: boxes[0]", "label"),
+    ('{"image": "x.png", "boxes": [[0, 0, 1e308, 5, 1]]}', "line 2: boxes[0]",
+     "within +-16777216"),
+    ('{"image": "x.png", "boxes": [[-1e308, 0, 5, 5, 1]]}', "line 2: boxes[0]", "within"),
+    ('{"image": "x.png", "boxes": [[0, 0, NaN, 5, 1]]}', "line 2: boxes[0]", "finite"),
+    ('{"image": "x.png", "boxes": [[0, 0, Infinity, 5, 1]]}', "line 2: boxes[0]", "finite"),
+    ('{"image": "x.png", "boxes": [[0, 0, 5, 5, NaN]]}', "line 2: boxes[0]", "label"),
+    ('{"image": "x.png", "boxes": [[0, 0, 1' + "0" * 400 + ', 5, 1]]}', "line 2: boxes[0]",
+     "out of range"),
+    ('[' * 100000, "line 2", "invalid JSON"),
 ])
 def test_bad_annotation_lines_give_one_line_errors(tmp_path, line, where, words):
     path = tmp_path / "ann.jsonl"
@@ -55,9 +68,13 @@ def test_annotation_dataset_errors(tmp_path):
     with pytest.raises(CaffeFormatError, match="no annotated images"):
         D.AnnotationDataset(path)
     path.write_text('{"image": "missing.png", "boxes": [[0, 0, 4, 4, 2]]}\n')
-    ds = D.AnnotationDataset(path)
+    # every image header is read up front: a missing image is named with its line at once
+    with pytest.raises(CaffeFormatError, match=r"ann.jsonl: line 1: image: .*missing.png.*"
+                       "No such file"):
+        D.AnnotationDataset(path)
+    ds = D.AnnotationDataset(path, check_images=False)
     assert len(ds) == 1 and ds.num_classes() == 3
-    with pytest.raises(CaffeFormatError, match="does not exist"):
+    with pytest.raises(CaffeFormatError, match="line 1: image: .*No such file"):
         ds[0]
     with pytest.raises(CaffeFormatError, match="cannot read"):
         D.read_annotations(tmp_path / "nope.jsonl")
@@ -193,3 +210,69 @@ def test_batches_are_pure_functions_of_step_and_seed():
     assert len(ds) == 5 and ds.num_classes() == 4
     with pytest.raises(IndexError):
         ds[5]
+
+
+# ----------------------------------------------------------------------------- round 2
+
+
+def _png(path, h: int, w: int) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(path)
+
+
+def test_a_box_wholly_outside_its_image_is_refused_with_file_and_line(tmp_path):
+    _png(tmp_path / "a.png", 40, 60)
+    path = tmp_path / "ann.jsonl"
+    path.write_text('{"image": "a.png", "boxes": [[0, 0, 10, 10, 1]]}\n'
+                    '# a comment\n'
+                    '{"image": "a.png", "boxes": [[5, 5, 9, 9, 1], [70, 5, 90, 20, 2]]}\n')
+    with pytest.raises(CaffeFormatError) as e:
+        D.AnnotationDataset(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: line 3: boxes[1]: box [70.0, 5.0, 90.0, 20.0] lies wholly "
+                          "outside its 60x40 image 'a.png'"), msg
+    # partly outside is fine (cropping clips it); touching the edge from outside is not
+    path.write_text('{"image": "a.png", "boxes": [[-5, -5, 3, 3, 1], [50, 30, 70, 50, 1]]}\n')
+    assert len(D.AnnotationDataset(path)) == 1
+    path.write_text('{"image": "a.png", "boxes": [[60, 0, 70, 10, 1]]}\n')
+    with pytest.raises(CaffeFormatError, match="line 1: boxes.0.: .* wholly outside"):
+        D.AnnotationDataset(path)
+
+
+def test_non_images_and_fifos_in_annotations_are_named_up_front(tmp_path):
+    import os
+
+    (tmp_path / "t.png").write_text("text, not an image")
+    os.mkfifo(tmp_path / "f.png")
+    path = tmp_path / "ann.jsonl"
+    for name, why in [("t.png", "not an image file"), ("f.png", "not a regular file (a FIFO)")]:
+        path.write_text(json.dumps({"image": name, "boxes": []}) + "\n")
+        with pytest.raises(CaffeFormatError) as e:
+            D.AnnotationDataset(path)
+        msg = str(e.value)
+        assert msg.startswith(f"{path}: line 1: image: ") and why in msg, msg
+        assert "imageio" not in msg and "pip install" not in msg
+    os.mkfifo(tmp_path / "ann_fifo.jsonl")
+    with pytest.raises(CaffeFormatError, match="not a regular file"):
+        D.read_annotations(tmp_path / "ann_fifo.jsonl")
+
+
+def test_sparse_labels_are_explained(tmp_path):
+    from fcn_jax.commands.finetune import FinetuneConfig, _datasets
+
+    for i in range(4):
+        _png(tmp_path / f"{i}.png", 20, 20)
+    path = tmp_path / "ann.jsonl"
+    path.write_text("".join(json.dumps({"image": f"{i}.png", "boxes": [[0, 0, 5, 5, lab]]})
+                            + "\n" for i, lab in enumerate((3, 7, 3, 7))))
+    assert D.label_gaps({3, 7}) == [1, 2, 4, 5, 6]
+    said: list[str] = []
+    train, val, names = _datasets(FinetuneConfig(out=str(tmp_path / "o"), steps=1,
+                                                 data=str(path), val_fraction=0.25), said.append)
+    assert len(names) == 8 and names[0] == "background"
+    assert len(said) == 1 and said[0].startswith(f"warning: {path}: the boxes use labels [3, 7]"
+                                                 ", so the net gets 8 classes")
+    assert "labels 1, 2, 4, 5, 6 have no boxes" in said[0] and "Renumber the labels 1..2" \
+        in said[0]

@@ -105,3 +105,12 @@ def test_demo_bad_options_are_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "--size 100" in err
     assert main(["demo", "--out", str(tmp_path), "--image", str(tmp_path / "no.jpg")]) == 2
     assert "no.jpg" in capsys.readouterr().err
+
+
+def test_demo_image_that_is_not_an_image_is_one_line(tmp_path, capsys):
+    """The one image reader's error, not imageio's "pip install imageio[pyav]" text."""
+    (tmp_path / "t.png").write_text("hello\n")
+    assert main(["demo", "--image", str(tmp_path / "t.png"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"fcn-jax: error: {tmp_path / 't.png'}: not an image file (or a format "
+                   "Pillow cannot read)\n")

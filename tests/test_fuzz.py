@@ -282,20 +282,28 @@ def _binaryproto() -> bytes:
 _BINARYPROTO = _binaryproto()
 
 
-@fuzz_settings(1000)
-@given(mutations)
-def test_fuzz_binaryproto_mean(ops):
-    from fcn_jax.preprocess import load_mean
+def _unpacked_binaryproto() -> bytes:
+    """The same mean with unpacked floats (one tag per value): the exact-schema path."""
+    blob = caffe_pb2.BlobProto(num=1, channels=3, height=1, width=2)
+    head = blob.SerializeToString()
+    return head + b"".join(b"\x2d" + np.float32(v).tobytes() for v in (1.0, 2, 3, 4, 5, 6))
 
-    raw = mutate(_BINARYPROTO, ops)
-    if raw.startswith(b"\x93NUMPY"):
-        return  # the .npy branch has known gaps (see test_hostile)
+
+_MEANS = [_BINARYPROTO, _unpacked_binaryproto()]
+
+
+@fuzz_settings(1000)
+@given(st.sampled_from(range(len(_MEANS))), mutations)
+def test_fuzz_binaryproto_mean(which, ops):
+    from converters.mean import load_mean
+
+    raw = mutate(_MEANS[which], ops)
     with tempfile.TemporaryDirectory() as d:
         f = Path(d) / "mean.binaryproto"
         f.write_bytes(raw)
         try:
             mean = load_mean(f)
-        except ValueError as e:
+        except CaffeFormatError as e:  # the npy branch included: one error type
             one_line(e)
             return
     assert mean.dtype == np.float64 and mean.size > 0
@@ -326,3 +334,116 @@ def test_fuzz_npy_and_npz(is_npz, ops):
             return
     for arr in out.values():
         assert arr.dtype.kind in "biufc"
+
+
+# ----------------------------------------------------------------------------- round 2
+
+
+def _image_seeds() -> list[bytes]:
+    """Small images of every kind the reader meets: multi-frame GIF/APNG/TIFF, palette,
+    16-bit, RGBA, JPEG, and the header of a 3-frame 8000x8000 GIF bomb."""
+    from PIL import Image
+    from test_images import bomb_gif
+
+    rng = np.random.default_rng(0)
+    frames = [Image.fromarray(rng.integers(0, 255, (6, 5, 3), np.uint8)) for _ in range(3)]
+    out = [bomb_gif(), bomb_gif(40, 30, 3)]
+    for fmt, kw in [("GIF", {}), ("PNG", {}), ("TIFF", {})]:
+        b = io.BytesIO()
+        frames[0].save(b, format=fmt, save_all=True, append_images=frames[1:], **kw)
+        out.append(b.getvalue())
+    for im, fmt in [(frames[0].convert("P"), "PNG"), (frames[0].convert("RGBA"), "PNG"),
+                    (Image.fromarray(rng.integers(0, 65535, (6, 5), np.uint16)), "PNG"),
+                    (frames[0], "JPEG"), (frames[0], "BMP")]:
+        b = io.BytesIO()
+        im.save(b, format=fmt)
+        out.append(b.getvalue())
+    return out
+
+
+_IMAGES = _image_seeds()
+
+
+@fuzz_settings(600)
+@given(st.sampled_from(range(len(_IMAGES))), mutations)
+def test_fuzz_image_reader(which, ops):
+    """Mutated images (multi-frame ones included): a float32 H x W x 3 array of at most
+    the pixel budget, or one ImageError line; never a decoder traceback."""
+    from fcn_jax.images import ImageError, read_image
+
+    raw = mutate(_IMAGES[which], ops)
+    with tempfile.TemporaryDirectory() as d:
+        f = Path(d) / "x.img"
+        f.write_bytes(raw)
+        try:
+            img = read_image(f, max_pixels=2_000_000)
+        except ImageError as e:
+            one_line(e)
+            assert "imageio" not in str(e)
+            return
+    assert img.dtype == np.float32 and img.ndim == 3 and img.shape[2] == 3
+    assert img.shape[0] * img.shape[1] <= 2_000_000
+
+
+_VALUE = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True), st.integers(-(2**70), 2**70),
+    st.sampled_from([0, 1, -1, 65535, 65536, 10**9, 2**24, 2**24 + 1, 1e308, -1e308, 5e-324,
+                     0.5, True]),
+    st.text(max_size=3), st.none(), st.lists(st.integers(), max_size=2))
+
+
+@fuzz_settings(600)
+@given(st.lists(st.lists(_VALUE, min_size=0, max_size=6), max_size=4),
+       st.sampled_from([" ", "", "\n", "# c\n"]))
+def test_fuzz_annotation_values(boxes, sep):
+    """Annotation lines with extreme values: read back as finite boxes with x1 > x0,
+    coordinates within MAX_COORD and integer labels in 1..MAX_LABEL, or one error line
+    naming the file and the line."""
+    import json
+
+    from fcn_jax import data as D
+
+    line = json.dumps({"image": "a.png", "boxes": boxes}, allow_nan=True)
+    with tempfile.TemporaryDirectory() as d:
+        f = Path(d) / "ann.jsonl"
+        f.write_text(sep + line + "\n")
+        try:
+            records = D.read_annotations(f)
+        except CaffeFormatError as e:
+            one_line(e)
+            assert str(e).startswith(f"{f}: line ")
+            return
+    (_, arr), = records
+    assert arr.shape == (len(boxes), 5) and np.all(np.isfinite(arr))
+    assert np.all(np.abs(arr[:, :4]) <= D.MAX_COORD)
+    assert np.all(arr[:, 2] > arr[:, 0]) and np.all(arr[:, 3] > arr[:, 1])
+    labels = arr[:, 4]
+    assert np.all(labels == np.round(labels)) and np.all((labels >= 1) & (labels <= D.MAX_LABEL))
+
+
+_SPECIAL_NAMES = st.sampled_from(["file", "allow_pickle", "args", "kwds", "a.npy", "../x", "/",
+                                  "a/b", "a%2Fb", "", ".", "..", "\0", "x\0y"])
+
+
+@fuzz_settings(300)
+@given(st.lists(st.one_of(st.text(max_size=12), _SPECIAL_NAMES), unique=True, min_size=1,
+                max_size=6))
+def test_fuzz_npz_member_names(names):
+    """Any blob names (NUL, ``/``, ``..``, ``%``, escapes, non-ASCII) survive an npz round
+    trip: as many members as names, decoded back exactly, none absolute or climbing."""
+    import zipfile
+
+    from fcn_jax.io_utils import load_blobs, save_blobs
+
+    blobs = {n: np.full(2, i, np.float32) for i, n in enumerate(names)}
+    with tempfile.TemporaryDirectory() as d:
+        f = Path(d) / "b.npz"
+        assert save_blobs(f, blobs) == len(names)
+        with zipfile.ZipFile(f) as z:
+            members = z.namelist()
+        back = load_blobs(f)
+    assert len(members) == len(names)
+    assert not any(m.startswith("/") or m.startswith("../") or "/../" in m for m in members)
+    assert sorted(back) == sorted(names)
+    for n, arr in blobs.items():
+        np.testing.assert_array_equal(back[n], arr)

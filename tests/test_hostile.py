@@ -8,8 +8,12 @@ random kinds, in ``test_fuzz.py``.
 from __future__ import annotations
 
 import math
+import os
 import re
 import struct
+import subprocess
+import sys
+import textwrap
 import warnings
 from pathlib import Path
 
@@ -398,7 +402,7 @@ def test_files_over_protobufs_2gb_limit_are_refused_unread(sparse_3gb, monkeypat
     def no_reading(*a, **k):
         raise AssertionError("the file was read")
 
-    monkeypatch.setattr(converters.caffe_io, "_read_bytes", no_reading)
+    monkeypatch.setattr(converters._io, "read_exactly", no_reading)
     budget = 16 * 2**30
     for reader in (converters.read_caffemodel, converters.load_caffemodel,
                    converters.read_prototxt):
@@ -567,7 +571,8 @@ def test_binaryproto_mean_with_a_huge_claimed_shape(tmp_path):
 
     blob = fld(7, 2, fld(1, 2, varint(2**20) + varint(2**20))) + fld(5, 2, b"\0" * 8)
     f = write(tmp_path, "m.binaryproto", blob)
-    with pytest.raises(ValueError, match="more than 2..31|values for shape"):
+    with pytest.raises(ValueError, match=r"shape.dim: shape \(1048576, 1048576\) needs "
+                                         r"4398046511104 bytes, over the memory budget"):
         load_mean(f)
 
 
@@ -785,3 +790,330 @@ def test_run_flags_non_finite_outputs(tmp_path, capsys):
     with np.load(tmp_path / "b.npz", allow_pickle=False) as z:
         assert not np.all(np.isfinite(z["c"])) and math.isinf(float(z["data"].max()))
 
+
+
+# ----------------------------------------------------------------------------- round 2 (#15)
+
+
+def _capped(code: str, cap_mb: int, *args: str, env: dict | None = None
+            ) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter whose address space is capped at ``cap_mb``."""
+    prelude = ("import resource, sys\n"
+               f"resource.setrlimit(resource.RLIMIT_AS, ({cap_mb} << 20, {cap_mb} << 20))\n")
+    full_env = dict(os.environ, PYTHONPATH=str(ROOT), OPENBLAS_NUM_THREADS="1", **(env or {}))
+    return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code), *args],
+                          capture_output=True, text=True, env=full_env, timeout=120)
+
+
+def test_small_files_read_under_a_small_address_space_cap(tmp_path):
+    """With the default 8 GiB budget, a 112-byte caffemodel, its prototxt, an npy, an npz
+    and a binaryproto mean read in a 400 MB address space (each reader used to reserve the
+    whole budget, f.read(limit + 1): MemoryError under any cap below 2 GiB)."""
+    np.save(tmp_path / "x.npy", np.ones((1, 3, 17, 12), np.float32))
+    np.savez(tmp_path / "x.npz", data=np.ones(3, np.float32))
+    write(tmp_path, "m.binaryproto", _binaryproto(np.ones((1, 3, 2, 2), np.float32)))
+    r = _capped("""
+        import converters
+        from converters.mean import load_mean
+        from converters.npy import load_npy, load_npz
+        d = sys.argv[1]
+        converters.read_prototxt(d + "/layers/conv_rect.prototxt")
+        converters.load_caffemodel(d + "/layers/conv_rect.caffemodel")
+        converters.read_caffemodel(d + "/layers/conv_rect.caffemodel")
+        load_npy(sys.argv[2] + "/x.npy"); load_npz(sys.argv[2] + "/x.npz")
+        print(load_mean(sys.argv[2] + "/m.binaryproto").shape)
+    """, 400, str(DATA), str(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "(3, 2, 2)" in r.stdout
+    assert (LAYERS / "conv_rect.caffemodel").stat().st_size < 4096
+
+
+def test_a_binaryproto_of_unpacked_floats_stays_within_its_budget(tmp_path):
+    """25 MB of unpacked floats (one tag per value) under FCN_JAX_MEMORY_BUDGET=100M: the
+    reader used to make one array per float (1.98 GB); now protobuf's packed storage and
+    one float64 result, peak RSS far below 400 MB, in seconds."""
+    n = 5_000_000
+    head = fld(1, 0, 1) + fld(2, 0, 1) + fld(3, 0, 1) + fld(4, 0, n)
+    f = tmp_path / "m.binaryproto"
+    f.write_bytes(head + (b"\x2d" + struct.pack("<f", 1.5)) * n)
+    assert f.stat().st_size > 25_000_000
+    r = _capped("""
+        import resource, time
+        from converters.mean import load_mean
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        t = time.perf_counter()
+        m = load_mean(sys.argv[1])
+        grew = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+        print(m.shape, float(m.min()), float(m.max()), round(grew),
+              round(time.perf_counter() - t, 1))
+        assert grew < 400, grew
+    """, 2000, str(f), env={"FCN_JAX_MEMORY_BUDGET": "100M"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.startswith(f"(1, 1, {n}) 1.5 1.5 ")
+
+
+def test_a_3gb_sparse_binaryproto_is_refused_by_its_size(sparse_3gb, monkeypatch):
+    from converters.mean import load_mean
+
+    def no_reading(*a, **k):
+        raise AssertionError("the file was read")
+
+    monkeypatch.setattr(converters._io, "read_exactly", no_reading)
+    with pytest.raises(CaffeFormatError, match=r"huge\.caffemodel: file of 3221225472 bytes "
+                                               r"exceeds protobuf's 2 GiB limit"):
+        load_mean(sparse_3gb, memory_budget=16 * 2**30)
+
+
+def test_fifos_never_block_a_reader(tmp_path):
+    """A FIFO given as prototxt, caffemodel, npy, npz or mean is refused at once."""
+    import threading
+
+    from converters.mean import load_mean
+
+    fifo = tmp_path / "f.caffemodel"
+    os.mkfifo(fifo)
+    readers = [converters.read_prototxt, converters.load_caffemodel, converters.read_net,
+               load_npy, load_npz, load_mean]
+    errors: list[str] = []
+
+    def attempt() -> None:
+        for reader in readers:
+            try:
+                reader(fifo)
+            except CaffeFormatError as e:
+                errors.append(one_line(e))
+
+    th = threading.Thread(target=attempt, daemon=True)
+    th.start()
+    th.join(20)
+    if th.is_alive():
+        with open(fifo, "wb"):
+            pass
+        pytest.fail(f"a reader blocked on a FIFO after {len(errors)} refusals")
+    assert len(errors) == len(readers)
+    assert all("not a regular file (a FIFO)" in e for e in errors), errors
+
+
+@pytest.mark.parametrize("dtype", ["complex64", "bool"])
+def test_complex_and_bool_weights_inputs_and_means_are_refused(tmp_path, dtype, capsys):
+    from converters.mean import load_mean
+    from fcn_jax.cli import main
+
+    params = converters.load_caffemodel(LAYERS / "conv_rect.caffemodel")
+    params = {k: dict(v) for k, v in params.items()}
+    params["c"]["weight"] = params["c"]["weight"].astype(dtype)
+    with pytest.raises(CaffeFormatError, match=rf"layer 'c': weight: dtype {dtype} is not a "
+                                               "real number type"):
+        converters.load_caffe(LAYERS / "conv_rect.prototxt", params)
+    np.save(tmp_path / "m.npy", np.ones(3, dtype))
+    with pytest.raises(CaffeFormatError, match=rf"m\.npy: a mean must hold real numbers, got "
+                                               rf"dtype {dtype}"):
+        load_mean(tmp_path / "m.npy")
+    np.save(tmp_path / "x.npy", np.ones((1, 3, 17, 12), dtype))
+    assert main(["run", str(LAYERS / "conv_rect.prototxt"), str(LAYERS / "conv_rect.caffemodel"),
+                 "--input", str(tmp_path / "x.npy"), "--blobs", str(tmp_path / "b.npz")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"fcn-jax: error: {tmp_path / 'x.npy'}: dtype {dtype} is not a real number "
+                   "type (Caffe's blobs are float)\n")
+
+
+def test_run_input_of_an_empty_shape_numpy_cannot_make(tmp_path, capsys):
+    from fcn_jax.cli import main
+
+    for shape, why in [((0, 3, 2**31, 2**31), "is too large for any array"),
+                       ((0, 3, 17, 12), "empty input of shape (0, 3, 17, 12)")]:
+        f = write(tmp_path, "x.npy", _npy_with_header(shape, "<f4"))
+        assert main(["run", str(LAYERS / "conv_rect.prototxt"),
+                     str(LAYERS / "conv_rect.caffemodel"), "--input", str(f), "--blobs",
+                     str(tmp_path / "b.npz")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"fcn-jax: error: {f}: ") and why in err and err.count("\n") == 1
+
+
+def test_a_caffemodel_mixing_v1_and_v2_layers_is_named(tmp_path, capsys):
+    from fcn_jax.cli import main
+
+    v2 = (LAYERS / "conv_rect.caffemodel").read_bytes()
+    v1_layer = fld(4, 2, b"c1") + fld(5, 0, 4)  # V1LayerParameter name, type CONVOLUTION
+    f = write(tmp_path, "mixed.caffemodel", v2 + fld(2, 2, v1_layer))
+    for reader in (converters.load_caffemodel, converters.read_caffemodel):
+        with pytest.raises(CaffeFormatError, match=r"mixed\.caffemodel: layers: net mixes V1 "
+                                                   r"'layers' and V2 'layer' fields"):
+            reader(f)
+    np.save(tmp_path / "x.npy", np.ones((1, 3, 17, 12), np.float32))
+    assert main(["run", str(LAYERS / "conv_rect.prototxt"), str(f), "--input",
+                 str(tmp_path / "x.npy"), "--blobs", str(tmp_path / "b.npz")]) == 2
+    assert capsys.readouterr().err == (f"fcn-jax: error: {f}: layers: net mixes V1 'layers' "
+                                       "and V2 'layer' fields\n")
+
+
+_NAMED = """name: "n"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 2 dim: 3 dim: 3 } } }
+layer { name: "r1" type: "ReLU" bottom: "data" top: "a\\000b" }
+layer { name: "r2" type: "ReLU" bottom: "data" top: "a\\000c" }
+layer { name: "r3" type: "ReLU" bottom: "data" top: "../evil" }
+layer { name: "r4" type: "ReLU" bottom: "data" top: "100%" }
+layer { name: "r5" type: "ReLU" bottom: "data" top: "red\\033[31mtext" }
+layer { name: "r6" type: "ReLU" bottom: "data" top: "inception_3a/1x1" }
+"""  # noqa: E501
+
+
+def test_run_blobs_encodes_names_reversibly(tmp_path, capsys):
+    """NUL no longer merges two blobs (zip cut names at NUL: 'wrote 3' but 2 held), ``../``
+    is no traversal-looking member, terminal escapes are printed harmless, and load_blobs
+    gives every name back."""
+    import zipfile
+
+    from converters.npy import decode_member_name
+    from fcn_jax.cli import main
+    from fcn_jax.io_utils import load_blobs
+
+    proto = write(tmp_path, "n.prototxt", _NAMED)
+    np.save(tmp_path / "x.npy", np.linspace(-1, 1, 18, dtype=np.float32).reshape(1, 2, 3, 3))
+    out = tmp_path / "new" / "folder" / "b.npz"  # created, like fcn's
+    assert main(["run", str(proto), "none", "--input", str(tmp_path / "x.npy"), "--blobs",
+                 str(out)]) == 2  # no such caffemodel: one line
+    capsys.readouterr()
+    assert not (tmp_path / "new").exists()  # folders are made only when writing
+    empty = tmp_path / "empty.caffemodel"
+    converters.save_caffemodel(empty, {}, converters.read_prototxt(proto))
+    assert main(["run", str(proto), str(empty), "--input", str(tmp_path / "x.npy"), "--blobs",
+                 str(out)]) == 0
+    printed = capsys.readouterr().out
+    names = ["data", "a\0b", "a\0c", "../evil", "100%", "red\x1b[31mtext", "inception_3a/1x1"]
+    with zipfile.ZipFile(out) as z:
+        members = z.namelist()
+    assert f"wrote {len(names)} blobs to {out}" in printed and len(members) == len(names)
+    assert not any(m.startswith(("/", "..")) and "/" in m for m in members)
+    assert "inception_3a/1x1.npy" in members and "..%2Fevil.npy" in members
+    assert sorted(decode_member_name(m[:-4]) for m in members) == sorted(names)
+    blobs = load_blobs(out)
+    assert sorted(blobs) == sorted(names)
+    np.testing.assert_array_equal(blobs["a\0c"], np.maximum(blobs["data"], 0))
+    assert "\x1b" not in printed and "\x00" not in printed and "red\\x1b[31mtext" in printed
+
+
+def test_run_blob_names_too_long_for_zip_are_one_line(tmp_path, capsys):
+    from fcn_jax.cli import main
+
+    text = _NAMED.split("\n")[1] + "\n" + (
+        'layer { name: "r" type: "ReLU" bottom: "data" top: "' + "x" * 70000 + '" }\n')
+    proto = write(tmp_path, "long.prototxt", 'name: "n"\n' + text)
+    empty = tmp_path / "e.caffemodel"
+    converters.save_caffemodel(empty, {}, converters.read_prototxt(proto))
+    np.save(tmp_path / "x.npy", np.ones((1, 2, 3, 3), np.float32))
+    assert main(["run", str(proto), str(empty), "--input", str(tmp_path / "x.npy"),
+                 "--blobs", str(tmp_path / "b.npz")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and len(err) < 600 and "struct" not in err
+    assert "blob name of 70000 bytes is too long for an npz member" in err
+    assert not (tmp_path / "b.npz").exists()
+
+
+def test_info_prints_names_sanitised(tmp_path, capsys):
+    from fcn_jax.cli import main
+
+    proto = write(tmp_path, "n.prototxt", _NAMED.replace('name: "r5"', 'name: "\\033]0;x\\007"'))
+    assert main(["info", str(proto)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "\x00" not in out
+    assert "red\\x1b[31mtext" in out and "a\\x00b" in out
+
+
+def test_outputs_equal_to_an_input_are_refused(tmp_path, capsys):
+    from fcn_jax.cli import main
+
+    proto = tmp_path / "deploy.prototxt"
+    model = tmp_path / "m.caffemodel"
+    proto.write_bytes((LAYERS / "conv_rect.prototxt").read_bytes())
+    model.write_bytes((LAYERS / "conv_rect.caffemodel").read_bytes())
+    np.save(tmp_path / "x.npy", np.ones((1, 3, 17, 12), np.float32))
+    before = {p: p.read_bytes() for p in (proto, model, tmp_path / "x.npy")}
+    for argv in (["convert", str(proto), str(model), "-o", str(model)],
+                 ["convert", str(proto), str(model), "-o", f"{tmp_path}/./deploy.prototxt"],
+                 ["run", str(proto), str(model), "--input", str(tmp_path / "x.npy"), "--blobs",
+                  str(tmp_path / "x.npy")],
+                 ["fcn", str(proto), str(model), "-o", str(tmp_path / "deploy")]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "the output would replace the input" in err and err.count("\n") == 1, err
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def test_run_and_convert_create_missing_folders_like_fcn(tmp_path, capsys):
+    from fcn_jax.cli import main
+
+    np.save(tmp_path / "x.npy", np.ones((1, 3, 17, 12), np.float32))
+    proto, model = str(LAYERS / "conv_rect.prototxt"), str(LAYERS / "conv_rect.caffemodel")
+    assert main(["run", proto, model, "--input", str(tmp_path / "x.npy"), "--blobs",
+                 str(tmp_path / "a" / "b" / "out.npz")]) == 0
+    assert main(["convert", proto, model, "-o", str(tmp_path / "c" / "d" / "m.msgpack")]) == 0
+    assert (tmp_path / "a" / "b" / "out.npz").is_file()
+    assert (tmp_path / "c" / "d" / "m.msgpack").is_file()
+
+
+def test_write_errors_name_the_destination_never_a_temp_file(tmp_path):
+    from converters._io import atomic_write
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OSError) as e:  # the folder is a file: mkstemp fails
+        atomic_write(tmp_path / "file" / "out.npz", lambda f: f.write(b"x"))
+    msg = str(e.value)
+    assert msg.endswith(f"'{tmp_path / 'file' / 'out.npz'}'") and ".tmp" not in msg
+
+    def full_disk(f):
+        raise OSError(28, "No space left on device")  # a write error names no file
+
+    (tmp_path / "out.npz").write_bytes(b"old")
+    with pytest.raises(OSError) as e:
+        atomic_write(tmp_path / "out.npz", full_disk)
+    assert str(e.value) == f"[Errno 28] No space left on device: '{tmp_path / 'out.npz'}'"
+    assert (tmp_path / "out.npz").read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "out.npz"]
+
+
+def test_fcn_writes_its_prototxt_and_caffemodel_as_a_pair(tmp_path, monkeypatch, capsys):
+    """A failure while writing the second file, or on its rename, leaves both old files;
+    no temp or backup file remains."""
+    import converters._io as cio
+    from fcn_jax.cli import main
+
+    mini = DATA / "caffenet_mini"
+    argv = ["fcn", str(mini / "caffenet_mini_deploy.prototxt"),
+            str(mini / "caffenet_mini.caffemodel"), "-o", str(tmp_path / "out" / "fc")]
+    out_p, out_m = tmp_path / "out" / "fc.prototxt", tmp_path / "out" / "fc.caffemodel"
+    assert main(argv) == 0
+    new = out_p.read_bytes(), out_m.read_bytes()
+    out_p.write_bytes(b"old prototxt")
+    out_m.write_bytes(b"old caffemodel")
+    real_replace = os.replace
+    calls = []
+
+    def second_rename_fails(src, dst):
+        calls.append(dst)
+        if len(calls) == 2 and str(dst).endswith(".caffemodel"):
+            raise OSError(5, "Input/output error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(cio.os, "replace", second_rename_fails)
+    assert main(argv) == 2
+    assert f"Input/output error: '{out_m}'" in capsys.readouterr().err
+    assert (out_p.read_bytes(), out_m.read_bytes()) == (b"old prototxt", b"old caffemodel")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["fc.caffemodel",
+                                                                   "fc.prototxt"]
+    monkeypatch.setattr(cio.os, "replace", real_replace)
+    real_write_temp = cio._write_temp
+
+    def disk_full_on_the_caffemodel(path, write_fn):
+        if path.endswith(".caffemodel"):
+            raise OSError(28, "No space left on device", path)
+        return real_write_temp(path, write_fn)
+
+    monkeypatch.setattr(cio, "_write_temp", disk_full_on_the_caffemodel)
+    assert main(argv) == 2
+    assert (out_p.read_bytes(), out_m.read_bytes()) == (b"old prototxt", b"old caffemodel")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["fc.caffemodel",
+                                                                   "fc.prototxt"]
+    monkeypatch.setattr(cio, "_write_temp", real_write_temp)
+    assert main(argv) == 0
+    assert (out_p.read_bytes(), out_m.read_bytes()) == new

@@ -391,3 +391,34 @@ def test_memory_stays_flat_over_2000_images(tmp_path, classifier):
     print(f"{s.images_per_second:.0f} images/s")
     _, _, (rss_h, heap_h), (rss_e, heap_e) = (marks[k] for k in sorted(marks))
     assert rss_e - rss_h < 25 and heap_e - heap_h < 2
+
+
+def test_a_fifo_named_png_in_dir_is_skipped_without_blocking(tmp_path, classifier, capsys):
+    """``predict --dir`` over a folder holding a FIFO ``x.png`` and a text file ``t.png``:
+    both skipped with one line each, the batch they are in is written, exit status 1."""
+    import threading
+
+    from fcn_jax.cli import main
+
+    proto, model, _ = classifier
+    good = _images(tmp_path / "imgs", 3)
+    os.mkfifo(tmp_path / "imgs" / "x.png")
+    (tmp_path / "imgs" / "t.png").write_text("not an image\n")
+    rc: list[int] = []
+    th = threading.Thread(target=lambda: rc.append(main([
+        "predict", str(proto), str(model), "--dir", str(tmp_path / "imgs"), "--out",
+        str(tmp_path / "out"), "--batch-size", "8", "--no-progress"])), daemon=True)
+    th.start()
+    th.join(120)
+    if th.is_alive():
+        with open(tmp_path / "imgs" / "x.png", "wb"):
+            pass
+        pytest.fail("predict blocked on a FIFO")
+    assert rc == [1]
+    err = capsys.readouterr().err
+    assert f"skipping {tmp_path / 'imgs' / 'x.png'}: cannot read: not a regular file (a FIFO)" \
+        in err
+    assert f"skipping {tmp_path / 'imgs' / 't.png'}: not an image file" in err
+    assert "imageio" not in err and "pip install" not in err
+    recs = {r["image"]: r for r in _records(tmp_path / "out")}
+    assert all("top_k" in recs[g] for g in good) and len(recs) == 5

@@ -312,10 +312,10 @@ def test_binaryproto_truncated_everywhere(tmp_path):
         (_legacy_blob(np.arange(11, dtype=np.float32), 3, 2, 2), "data"),
         # `channels` of the wrong wire type is an unknown field (protobuf): no shape is left
         (_key(2, 2) + _varint(0), "no shape"),
-        # packed float length not a multiple of 4
-        (_key(1, 0) + _varint(1) + _key(5, 2) + _varint(3) + b"abc", "data"),
+        # packed float length not a multiple of 4 (protobuf refuses it, as in a caffemodel)
+        (_key(1, 0) + _varint(1) + _key(5, 2) + _varint(3) + b"abc", "truncated or corrupt"),
         # length-delimited field runs past the end
-        (_key(5, 2) + _varint(100) + b"\0" * 8, "data"),
+        (_key(5, 2) + _varint(100) + b"\0" * 8, "truncated or corrupt"),
         # negative dimension
         (_key(7, 2) + _varint(11) + _key(1, 0) + _varint(-1), "shape"),
         # more than 2**31 elements (no allocation attempted)
@@ -333,13 +333,13 @@ def test_binaryproto_truncated_everywhere(tmp_path):
         # group wire type (unsupported)
         (_key(12, 3), "12"),
         # 11-byte varint
-        (_key(1, 0) + b"\xff" * 10 + b"\x01", "num"),
+        (_key(1, 0) + b"\xff" * 10 + b"\x01", "truncated or corrupt"),
         # field number 0
-        (b"\x00", "tag"),
+        (b"\x00", "truncated or corrupt"),
         # no shape at all
         (b"", "shape"),
         # legacy fields present but width missing -> 0 elements: an empty mean
-        (_key(1, 0) + _varint(1) + _key(2, 0) + _varint(3), "empty mean"),
+        (_key(1, 0) + _varint(1) + _key(2, 0) + _varint(3), "empty blob"),
     ],
 )
 def test_binaryproto_corrupt(tmp_path, blob, field):

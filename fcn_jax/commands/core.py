@@ -72,6 +72,7 @@ def weight_report(params: dict, absurd: float = 1e4) -> list[str]:
 def cmd_info(args: argparse.Namespace) -> int:
     import jax
 
+    from converters.errors import printable
     from fcn_jax.net import blob_names, build_module, example_inputs, expected_param_shapes
 
     net = converters.read_net(args.file)
@@ -79,7 +80,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     params = converters.net_params(net, path=args.file) if is_model else None
     if args.weights:
         params = converters.load_caffemodel(args.weights)
-    print(f"net: {net.name or '(unnamed)'}  ({len(net.layer)} layers, from {args.file})")
+    print(f"net: {printable(net.name) or '(unnamed)'}  ({len(net.layer)} layers, from "
+          f"{printable(args.file)})")
     module = build_module(net, path=args.file)
     shape = tuple(args.input_shape) if args.input_shape else None
     try:
@@ -89,15 +91,15 @@ def cmd_info(args: argparse.Namespace) -> int:
         print("\nblobs:")
         order = [n for n in module.inputs if n in traced] + [
             n for n in blob_names(module) if n in traced and n not in module.inputs]
-        width = max(len(k) for k in order)
+        width = max(len(printable(k, 60)) for k in order)
         for name in order:
-            print(f"  {name:<{width}}  {_fmt(traced[name].shape)}")
+            print(f"  {printable(name, 60):<{width}}  {_fmt(traced[name].shape)}")
         expected = expected_param_shapes(module, shape)
     except (ValueError, TypeError) as e:
         if shape is not None:
             raise CaffeFormatError(f"the net cannot run on this input: {e}", path=args.file,
                                    field="input_shape") from None
-        print(f"\nblobs: unknown ({e})")
+        print(f"\nblobs: unknown ({printable(e, 300)})")
         expected = None
     print("\nparams:")
     source = params if params is not None else expected or {}
@@ -105,46 +107,74 @@ def cmd_info(args: argparse.Namespace) -> int:
     for layer, blobs in source.items():
         names = converters.param_names(types.get(layer, ""), len(blobs))
         blobs = {n: blobs[n] for n in names if n in blobs} | blobs
-        desc = "  ".join(f"{n} {_fmt(np.shape(a) if params is not None else a)}"
+        desc = "  ".join(f"{printable(n, 60)} {_fmt(np.shape(a) if params is not None else a)}"
                          for n, a in blobs.items())
-        print(f"  {layer:<12} {desc}")
+        print(f"  {printable(layer, 60):<12} {desc}")
     total = sum(math.prod(np.shape(a) if params is not None else a)
                 for b in source.values() for a in b.values())
     print(f"\n{total:,} parameters")
     if params is not None and expected is not None:
         for layer in expected:
             if layer not in params:
-                print(f"warning: layer {layer!r} has no weights in the caffemodel")
+                print(f"warning: layer {printable(repr(layer), 60)} has no weights in the "
+                      "caffemodel")
     if args.check:
         if params is None:
             raise CaffeFormatError("--check needs weights (a caffemodel or --weights)",
                                    path=args.file)
         problems = weight_report(params, absurd=args.absurd)
         for p in problems:
-            print(f"check: {p}")
+            print(f"check: {printable(p, 300)}")
         print(f"check: {'FAILED' if problems else 'ok'} ({len(problems)} problems)")
         return 1 if problems else 0
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def read_input(path: str) -> np.ndarray | dict[str, np.ndarray]:
+    """``run --input``: an ``.npy`` array, or an ``.npz`` of named inputs, as float32;
+    refuses (one line, naming the file) empty arrays and dtypes Caffe has no blob for
+    (bool, complex), besides everything ``converters.npy`` refuses."""
+    from converters._io import open_regular
     from converters.npy import load_npy, load_npz
+
+    try:
+        with open_regular(path) as f:
+            is_zip = f.read(4) == b"PK\x03\x04"
+    except OSError as e:
+        raise CaffeFormatError(f"cannot read: {e.strerror or e}", path=path) from None
+    arrays: dict[str | None, np.ndarray] = dict(load_npz(path)) if is_zip else {
+        None: load_npy(path)}
+    if not arrays:
+        raise CaffeFormatError("the archive holds no arrays", path=path)
+    for name, v in arrays.items():
+        field = None if name is None else f"input {name!r}"
+        if v.dtype.kind not in "iuf":
+            raise CaffeFormatError(f"dtype {v.dtype} is not a real number type (Caffe's "
+                                   "blobs are float)", path=path, field=field)
+        if v.size == 0:
+            raise CaffeFormatError(f"empty input of shape {v.shape}", path=path, field=field)
+    out = {k: v.astype(np.float32) for k, v in arrays.items()}
+    return out[None] if None in out else out  # type: ignore[return-value]
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from converters.errors import printable
+    from converters.npy import check_member_names
     from fcn_jax import xla
-    from fcn_jax.io_utils import atomic_save_npz
+    from fcn_jax.io_utils import prepare_output, save_blobs
     from fcn_jax.net import blob_names
 
-    with open(args.input, "rb") as f:
-        is_zip = f.read(4) == b"PK\x03\x04"
-    if is_zip:
-        x = {k: v.astype(np.float32) for k, v in load_npz(args.input).items()}
-    else:
-        x = load_npy(args.input).astype(np.float32)
+    inputs = [args.input, args.prototxt, args.caffemodel]
+    prepare_output(args.blobs, inputs, create=False)  # checked before any work
+    x = read_input(args.input)
     shape = ({k: v.shape for k, v in x.items()} if isinstance(x, dict) else x.shape)
     module, params = converters.load_caffe(args.prototxt, args.caffemodel, input_shape=shape)
     outputs = tuple(args.outputs) if args.outputs else None
-    unknown = sorted(set(outputs or ()) - set(blob_names(module)) - set(module.inputs))
+    known = set(blob_names(module)) | set(module.inputs)
+    unknown = sorted(set(outputs or ()) - known)
     if unknown:
         raise CaffeFormatError(f"unknown blobs {unknown}", path=args.prototxt, field="outputs")
+    check_member_names(outputs or known, path=args.prototxt)  # before the forward pass
     try:
         if not isinstance(x, dict):
             from fcn_jax.predict import check_activation_budget
@@ -156,21 +186,25 @@ def cmd_run(args: argparse.Namespace) -> int:
                                path=args.input) from None
     blobs = {k: np.asarray(v) for k, v in blobs.items()}
     nonfinite = [k for k, v in blobs.items() if not np.all(np.isfinite(v))]
-    atomic_save_npz(args.blobs, blobs)
+    written = save_blobs(prepare_output(args.blobs, inputs), blobs)
     for k, v in blobs.items():
-        print(f"  {k:<12} {_fmt(v.shape)}")
-    print(f"wrote {len(blobs)} blobs to {args.blobs}")
+        print(f"  {printable(k, 60):<12} {_fmt(v.shape)}")
+    print(f"wrote {written} blobs to {args.blobs}")
     if nonfinite:
-        print(f"warning: non-finite values (NaN/Inf) in blobs {nonfinite}", file=sys.stderr)
+        shown = "[" + ", ".join(printable(repr(k), 60) for k in nonfinite[:20]) + "]"
+        print(f"warning: non-finite values (NaN/Inf) in blobs {shown}", file=sys.stderr)
         return 1
     return 0
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from fcn_jax.checkpoint import save_checkpoint
+    from fcn_jax.io_utils import prepare_output
 
+    prepare_output(args.output, [args.prototxt, args.caffemodel], create=False)
     net = converters.read_prototxt(args.prototxt)
     _, params = converters.load_caffe(args.prototxt, args.caffemodel)
+    prepare_output(args.output, [args.prototxt, args.caffemodel])
     save_checkpoint(args.output, params, {"prototxt": converters.format_prototxt(net),
                                           "source": os.path.basename(args.caffemodel)})
     print(f"wrote {args.output}: {len(params)} layers")

@@ -264,7 +264,8 @@ def build_model(cfg: FinetuneConfig, num_classes: int, log: Callable[[str], Any]
 # ----------------------------------------------------------------------------- data
 
 
-def _datasets(cfg: FinetuneConfig) -> tuple[Any, Any, list[str]]:
+def _datasets(cfg: FinetuneConfig, log: Callable[[str], Any] = print
+              ) -> tuple[Any, Any, list[str]]:
     from fcn_jax import data as D
 
     if cfg.demo:
@@ -289,6 +290,7 @@ def _datasets(cfg: FinetuneConfig) -> tuple[Any, Any, list[str]]:
         k = max(_num_classes(train), _num_classes(val))
         names = [f"class{i}" for i in range(k)]
         names[0] = "background"
+        _warn_sparse_labels(train.labels() | val.labels(), cfg.data, log)
     if cfg.classes:
         if len(cfg.classes) < len(names) and not cfg.demo:
             raise CaffeFormatError(f"--classes names {len(cfg.classes)} classes but the "
@@ -304,6 +306,24 @@ def _num_classes(ds: Any) -> int:
     return ds.num_classes()
 
 
+def _warn_sparse_labels(labels: set[int], data: str | None,
+                        log: Callable[[str], Any]) -> None:
+    """Say what sparse labels (e.g. only 3 and 7) do: the net still gets one class per index
+    up to the largest, and the unused ones are only ever trained as absent."""
+    from fcn_jax.data import label_gaps
+
+    gaps = label_gaps(labels)
+    if not gaps:
+        return
+    top = max(labels)
+    shown = ", ".join(map(str, gaps[:10])) + (f" and {len(gaps) - 10} more" if len(gaps) > 10
+                                               else "")
+    log(f"warning: {data}: the boxes use labels {sorted(labels)[:10]}, so the net gets "
+        f"{top + 1} classes (0 = background .. {top}); labels {shown} have no boxes and are "
+        f"only ever trained as absent. Renumber the labels 1..{len(labels)} to train exactly "
+        "the classes you have.")
+
+
 class _Subset(Sequence):
     def __init__(self, base: Any, idx: range):
         self.base, self.idx = base, idx
@@ -314,9 +334,11 @@ class _Subset(Sequence):
     def __getitem__(self, i: int):  # type: ignore[override]
         return self.base[self.idx[i]]
 
+    def labels(self) -> set[int]:
+        return {int(b[4]) for j in self.idx for b in self.base.records[j][1]}
+
     def num_classes(self) -> int:
-        labels = [int(b[4]) for j in self.idx for b in self.base.records[j][1]]
-        return 1 + max(labels, default=0)
+        return 1 + max(self.labels(), default=0)
 
 
 # ----------------------------------------------------------------------------- run
@@ -345,7 +367,7 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], Any] = print) -> dict[str
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    train_ds, val_ds, names = _datasets(cfg)
+    train_ds, val_ds, names = _datasets(cfg, log)
     k = len(names)
     module, params, net = build_model(cfg, k, log=log)
     h, w = cfg.input_size

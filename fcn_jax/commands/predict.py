@@ -7,8 +7,6 @@ import argparse
 import os
 import sys
 
-import numpy as np
-
 import converters
 from converters import CaffeFormatError
 
@@ -54,37 +52,31 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _load_weights(prototxt: str, weights: str, input_shape):
+    from converters._io import open_regular
+    from converters.caffe_io import check_param_dtypes
     from fcn_jax.checkpoint import MAGIC, load_checkpoint
 
     try:
-        with open(weights, "rb") as f:
+        with open_regular(weights) as f:
             head = f.read(len(MAGIC))
     except OSError as e:
-        raise CaffeFormatError(f"cannot read: {e.strerror}", path=weights) from None
+        raise CaffeFormatError(f"cannot read: {e.strerror or e}", path=weights) from None
     if head == MAGIC:
         tree, _ = load_checkpoint(weights)
+        check_param_dtypes(tree, path=weights)
         return converters.load_caffe(prototxt, tree, input_shape=input_shape)
     return converters.load_caffe(prototxt, weights, input_shape=input_shape)
 
 
 def _mean(arg: str, channels: int, height: int, width: int):
-    from fcn_jax.preprocess import imagenet_mean_bgr, load_mean
+    from converters.mean import load_mean
+    from fcn_jax.preprocess import imagenet_mean_bgr
 
     if arg == "none":
         return None
     if arg == "imagenet":
         return imagenet_mean_bgr() if channels == 3 else None
-    from converters.npy import load_npy
-
-    with open(arg, "rb") as f:
-        is_npy = f.read(6) == b"\x93NUMPY"
-    try:
-        mean = load_npy(arg) if is_npy else load_mean(arg)
-    except CaffeFormatError:
-        raise
-    except ValueError as e:  # preprocess.load_mean reports bad files as ValueError
-        raise CaffeFormatError(str(e), field="mean") from None
-    mean = np.asarray(mean, np.float64)
+    mean = load_mean(arg)  # .npy or .binaryproto; CaffeFormatError naming the file
     if mean.ndim == 4 and mean.shape[0] == 1:
         mean = mean[0]
     if mean.ndim == 3 and mean.shape[1:] != (height, width):
@@ -93,10 +85,19 @@ def _mean(arg: str, channels: int, height: int, width: int):
 
 
 def _labels(path: str | None) -> tuple[str, ...] | None:
+    import io
+
+    from converters._io import open_regular
+
     if path is None:
         return None
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return tuple(line.rstrip("\n") for line in f)
+    try:
+        with open_regular(path) as raw:
+            text = io.TextIOWrapper(raw, encoding="utf-8", errors="replace").read()
+    except OSError as e:
+        raise CaffeFormatError(f"cannot read: {e.strerror or e}", path=path) from None
+    lines = text.split("\n")
+    return tuple(lines[:-1] if lines and not lines[-1] else lines)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 import numpy as np
 
@@ -46,8 +45,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_fcn(args: argparse.Namespace) -> int:
+    from fcn_jax.io_utils import prepare_output
     from fcn_jax.surgery import fc_to_conv
 
+    for suffix in (".prototxt", ".caffemodel"):  # before any work: never replace an input
+        prepare_output(args.output + suffix, [args.prototxt, args.caffemodel], create=False)
     net = fcn_net.as_net(converters.read_net(args.prototxt))
     params = converters.load_caffemodel(args.caffemodel)
     shape = None
@@ -83,11 +85,9 @@ def cmd_fcn(args: argparse.Namespace) -> int:
     new_params = {k: {n: np.asarray(a) for n, a in v.items()} for k, v in new_params.items()
                   if k in keep}
     converters.load_caffe(new_net, new_params)  # validates every blob shape before writing
-    folder = os.path.dirname(os.path.abspath(args.output))
-    os.makedirs(folder, exist_ok=True)
     proto_path, model_path = args.output + ".prototxt", args.output + ".caffemodel"
-    converters.write_prototxt(proto_path, new_net)
-    converters.save_caffemodel(model_path, new_params, new_net)
+    write_net_and_weights(proto_path, model_path, new_net, new_params,
+                          inputs=[args.prototxt, args.caffemodel])
     width = max(len(c.new_name) for c in plan.casts)
     for c in plan.casts:
         k = "x".join(str(v) for v in c.kernel)
@@ -105,6 +105,26 @@ def cmd_fcn(args: argparse.Namespace) -> int:
     if args.verify:
         return _verify(net, params, new_net, new_params)
     return 0
+
+
+def write_net_and_weights(proto_path: str, model_path: str, net, params, *,
+                          inputs=()) -> None:
+    """Write a prototxt and its caffemodel as a pair: both new or both old
+    (``converters._io.atomic_write_group``); neither may replace one of ``inputs``, and a
+    missing folder is created."""
+    from converters._io import atomic_write_group
+    from converters.caffe_io import PROTOBUF_LIMIT, build_caffemodel
+    from fcn_jax.io_utils import prepare_output
+
+    for path in (proto_path, model_path):
+        prepare_output(path, inputs)
+    text = converters.format_prototxt(net).encode()
+    model = build_caffemodel(params, net)
+    if len(model) > PROTOBUF_LIMIT:
+        raise converters.CaffeFormatError("model exceeds protobuf's 2 GiB limit",
+                                          path=model_path)
+    atomic_write_group([(proto_path, lambda f: f.write(text)),
+                        (model_path, lambda f: f.write(model))])
 
 
 def _verify(net, params, new_net, new_params) -> int:

@@ -36,7 +36,8 @@ from ..preprocess import preprocess as _preprocess
 PathLike = str | os.PathLike
 
 __all__ = [
-    "SYNTHETIC_CLASSES", "AugmentConfig", "Example", "AnnotationDataset", "SyntheticDataset",
+    "MAX_COORD", "MAX_LABEL", "SYNTHETIC_CLASSES", "AugmentConfig", "Example",
+    "AnnotationDataset", "SyntheticDataset", "check_boxes_in_image", "label_gaps",
     "augment_example", "batch_indices", "eval_batch", "input_transformer", "load_batch",
     "prepare_example", "read_annotations", "synthetic_example", "train_batch",
     "write_annotations", "write_synthetic_dataset",
@@ -62,33 +63,53 @@ class Example:
 # ----------------------------------------------------------------------------- annotations
 
 
+#: Largest class label accepted (class maps are stored as uint16).
+MAX_LABEL = 65535
+#: Largest |coordinate| accepted, in pixels: 2**24, beyond which float32 (the input pipeline's
+#: type) no longer holds every integer, and far beyond any image ``read_image`` accepts.
+MAX_COORD = float(2**24)
+
+
 def _check_box(box: Any, path: PathLike, line: int, k: int) -> list[float]:
     field = f"line {line}: boxes[{k}]"
     if not isinstance(box, (list, tuple)) or len(box) != 5:
         raise CaffeFormatError("a box is [x0, y0, x1, y1, label]", path=path, field=field)
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box):
         raise CaffeFormatError("box values must be numbers", path=path, field=field)
-    x0, y0, x1, y1, label = (float(v) for v in box)
+    try:
+        x0, y0, x1, y1, label = (float(v) for v in box)
+    except OverflowError:  # an integer beyond float's range
+        raise CaffeFormatError("box value out of range", path=path, field=field) from None
     if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
         raise CaffeFormatError("box coordinates must be finite", path=path, field=field)
+    if max(abs(x0), abs(y0), abs(x1), abs(y1)) > MAX_COORD:
+        raise CaffeFormatError(f"box coordinates must be pixels within +-{MAX_COORD:.0f}, got "
+                               f"{[x0, y0, x1, y1]}", path=path, field=field)
     if not (x1 > x0 and y1 > y0):
         raise CaffeFormatError(f"empty box: needs x1 > x0 and y1 > y0, got {box}", path=path,
                                field=field)
-    if label != int(label) or label < 1:
-        raise CaffeFormatError(f"label must be an integer >= 1 (0 is background), got "
-                               f"{box[4]!r}", path=path, field=field)
+    if not math.isfinite(label) or label != int(label) or not 1 <= label <= MAX_LABEL:
+        raise CaffeFormatError(f"label must be an integer from 1 to {MAX_LABEL} (0 is "
+                               f"background), got {box[4]!r}", path=path, field=field)
     return [x0, y0, x1, y1, label]
 
 
 def read_annotations(path: PathLike) -> list[tuple[str, np.ndarray]]:
     """Read a JSON-lines annotation file: ``[(image_path, boxes (n, 5) float64), ...]``.
 
-    Relative image paths are resolved against the file's folder. Malformed lines raise
+    Relative image paths are resolved against the file's folder. Malformed lines (bad
+    JSON, non-finite or absurd coordinates, labels outside 1..``MAX_LABEL``) raise
     ``CaffeFormatError`` naming the file and the line.
     """
+    return [(image, boxes) for image, boxes, _ in _read_records(path)]
+
+
+def _read_records(path: PathLike) -> list[tuple[str, np.ndarray, int]]:
+    """``read_annotations`` with each record's line number."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with open_text(path) as f:
+            text = f.read()
     except OSError as e:
         raise CaffeFormatError(f"cannot read: {e.strerror}", path=path) from None
     except UnicodeDecodeError:
@@ -100,8 +121,9 @@ def read_annotations(path: PathLike) -> list[tuple[str, np.ndarray]]:
             continue
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CaffeFormatError(f"invalid JSON ({e.msg})", path=path,
+        except (json.JSONDecodeError, RecursionError) as e:
+            msg = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+            raise CaffeFormatError(f"invalid JSON ({msg})", path=path,
                                    field=f"line {line_no}") from None
         if not isinstance(rec, dict) or not isinstance(rec.get("image"), str):
             raise CaffeFormatError('expected {"image": PATH, "boxes": [...]}', path=path,
@@ -113,10 +135,39 @@ def read_annotations(path: PathLike) -> list[tuple[str, np.ndarray]]:
         arr = np.array([_check_box(b, path, line_no, k) for k, b in enumerate(boxes)],
                        dtype=np.float64).reshape(-1, 5)
         image = rec["image"]
+        if not image or "\0" in image:
+            raise CaffeFormatError("image path is empty or holds a NUL", path=path,
+                                   field=f"line {line_no}: image")
         if not os.path.isabs(image):
             image = os.fspath(path.parent / image)
-        out.append((image, arr))
+        out.append((image, arr, line_no))
     return out
+
+
+def open_text(path: PathLike):
+    """A UTF-8 text file opened for reading; only regular files (a FIFO is refused)."""
+    from ..images import ImageError, open_regular_file
+
+    try:
+        f = open_regular_file(path)
+    except ImageError as e:
+        raise CaffeFormatError(e.reason, path=path) from None
+    import io
+
+    return io.TextIOWrapper(f, encoding="utf-8")
+
+
+def check_boxes_in_image(boxes: np.ndarray, hw: tuple[int, int], *, path: PathLike,
+                         line: int | str, image: str) -> None:
+    """Refuse a box lying wholly outside its ``(height, width)`` image (a box that is partly
+    outside is clipped when the image is cropped)."""
+    h, w = hw
+    for k, (x0, y0, x1, y1, _) in enumerate(np.asarray(boxes).reshape(-1, 5)):
+        if x1 <= 0 or y1 <= 0 or x0 >= w or y0 >= h:
+            raise CaffeFormatError(
+                f"box {[float(x0), float(y0), float(x1), float(y1)]} lies wholly outside its "
+                f"{w}x{h} image {os.path.basename(image)!r} (x1/y1 exclusive; swapped x and "
+                "y?)", path=path, field=f"line {line}: boxes[{k}]")
 
 
 def write_annotations(path: PathLike, records: Sequence[tuple[str, Any]]) -> None:
@@ -129,33 +180,64 @@ def write_annotations(path: PathLike, records: Sequence[tuple[str, Any]]) -> Non
 
 
 class AnnotationDataset(Sequence):
-    """The examples of an annotation file, images loaded on access (``load_image``)."""
+    """The examples of an annotation file, images loaded on access (``load_image``).
 
-    def __init__(self, path: PathLike):
+    On construction every image's header is read (nothing decoded): a missing, unreadable,
+    non-regular or oversized image, or a box wholly outside its image, is refused at once
+    with the annotation file and line, not hours into training. ``check_images=False``
+    skips that.
+    """
+
+    def __init__(self, path: PathLike, *, check_images: bool = True):
         self.path = Path(path)
-        self.records = read_annotations(path)
-        if not self.records:
+        records = _read_records(path)
+        if not records:
             raise CaffeFormatError("no annotated images", path=path)
+        self.records = [(image, boxes) for image, boxes, _ in records]
+        self.lines = [line for _, _, line in records]
+        if check_images:
+            for image, boxes, line in records:
+                hw = self._header(image, line)
+                check_boxes_in_image(boxes, hw, path=self.path, line=line, image=image)
+
+    def _header(self, image: str, line: int) -> tuple[int, int]:
+        from ..images import MAX_PIXELS, ImageError, check_pixels, image_size
+
+        try:
+            h, w = image_size(image)
+            check_pixels(image, w, h, 3, max_pixels=MAX_PIXELS)
+        except ImageError as e:
+            raise CaffeFormatError(f"{image!r}: {e.reason}", path=self.path,
+                                   field=f"line {line}: image") from None
+        return h, w
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, i: int) -> Example:  # type: ignore[override]
+        from ..images import ImageError
+
         image, boxes = self.records[i]
-        if not os.path.exists(image):
-            raise CaffeFormatError(f"image {image!r} does not exist", path=self.path,
-                                   field=f"record {i}: image")
         try:
             im = load_image(image)
-        except (OSError, ValueError) as e:
-            raise CaffeFormatError(f"cannot load image {image!r}: {e}", path=self.path,
-                                   field=f"record {i}: image") from None
+        except ImageError as e:
+            raise CaffeFormatError(f"{image!r}: {e.reason}", path=self.path,
+                                   field=f"line {self.lines[i]}: image") from None
         return Example(im, boxes)
+
+    def labels(self) -> set[int]:
+        """The labels its boxes use."""
+        return {int(b[4]) for _, bx in self.records for b in bx}
 
     def num_classes(self) -> int:
         """1 + the largest label (background included)."""
-        labels = [int(b[4]) for _, bx in self.records for b in bx]
-        return 1 + max(labels, default=0)
+        return 1 + max(self.labels(), default=0)
+
+
+def label_gaps(labels: set[int]) -> list[int]:
+    """Labels between 1 and the largest used label that no box uses (sparse labels)."""
+    top = max(labels, default=0)
+    return [c for c in range(1, top + 1) if c not in labels]
 
 
 # ----------------------------------------------------------------------------- synthetic
