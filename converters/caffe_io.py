@@ -754,8 +754,7 @@ def _legacy_records(like, budget: int) -> dict[str, dict[int, tuple[int, ...]]]:
     by layer name and blob index; ``like`` is a caffemodel path or a ``NetParameter``."""
     records: dict[str, dict[int, tuple[int, ...]]] = {}
     if isinstance(like, (str, os.PathLike)):
-        _file_size(like, budget)
-        raw = _read_bytes(like, min(budget, PROTOBUF_LIMIT))
+        raw = read_file(like, budget)
         scan = wire.scan_caffemodel(raw)
         if scan is not None:
             plain = _parse(caffe_fast_pb2, scan[0], like)
