@@ -164,16 +164,6 @@ def _syntax_error(e: text_format.ParseError, path: PathLike, text: str) -> Caffe
     return CaffeFormatError(f"syntax error: {msg}", path=path, field=where)
 
 
-def _file_size(path: PathLike, budget: int) -> int:
-    """The size of ``path``, refused when over protobuf's limit or the memory budget."""
-    try:
-        size = os.stat(path).st_size
-    except OSError as e:
-        raise CaffeFormatError(f"cannot read: {e.strerror}", path=path) from None
-    _check_size(size, path, budget)
-    return size
-
-
 def _check_size(size: int, path: PathLike, budget: int) -> None:
     if size > PROTOBUF_LIMIT:
         raise CaffeFormatError(f"file of {size} bytes exceeds protobuf's 2 GiB limit "
