@@ -13,7 +13,8 @@ from flax import nnx
 import converters
 
 TINY = """
-layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 4 dim: 3 dim: 12 dim: 12 } } }
+layer { name: "data" type: "Input" top: "data"
+  input_param { shape { dim: 4 dim: 3 dim: 12 dim: 12 } } }
 layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
   convolution_param { num_output: 6 kernel_size: 3 stride: 2 } }
 layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
