@@ -724,7 +724,8 @@ def _check_like(want: Any, saved: Any, path: PathLike) -> None:
               jax.tree_util.tree_flatten_with_path(want)[0]}
     flat_s = {jax.tree_util.keystr(k): v for k, v in
               jax.tree_util.tree_flatten_with_path(saved)[0]}
-    for name in sorted(set(flat_w) | set(flat_s)):
+    for name in sorted(set(flat_w) | set(flat_s), key=lambda n: (not n.startswith("['params']"),
+                                                                  n)):
         if name not in flat_s or name not in flat_w:
             where = "the checkpoint lacks it" if name not in flat_s else "the model lacks it"
             raise CaffeFormatError(f"does not match the model ({where})", path=path,
