@@ -230,8 +230,8 @@ def test_orbax_training_checkpoints_killed_mid_save_keep_a_complete_step(tmp_pat
     value s everywhere); killed at random moments, the latest step left is complete."""
     from fcn_jax import train as T
 
-    folder = tmp_path / "ck"
-    code = f"""
+    def code(folder):
+        return f"""
     import jax.numpy as jnp, optax
     from fcn_jax import train as T
     from flax import linen as nn
@@ -243,6 +243,7 @@ def test_orbax_training_checkpoints_killed_mid_save_keep_a_complete_step(tmp_pat
             ck.save(state.replace(step=jnp.int32(s), params=p))
             print("saved", s, flush=True)
     """
+
     import jax.numpy as jnp
     import optax
     from flax import linen as nn
@@ -251,10 +252,11 @@ def test_orbax_training_checkpoints_killed_mid_save_keep_a_complete_step(tmp_pat
         nn.Dense(1), {"fc": {"weight": jnp.zeros((2048, 2048)), "bias": jnp.zeros(2048)}},
         optax.sgd(0.1), score="x")
     rng = random.Random(0)
-    for _ in range(2):
-        proc = _child(code)
+    for i in range(2):
+        folder = tmp_path / f"ck{i}"
+        proc = _child(code(folder))
         _wait_for(proc, "saved 1")
-        time.sleep(rng.uniform(0.0, 1.0))
+        time.sleep(0.0 if i == 0 else rng.uniform(0.0, 1.0))  # 0: right after a save
         _kill(proc)
         state, _ = T.restore_train_state(folder, template)
         s = int(state.step)

@@ -470,6 +470,11 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], Any] = print) -> dict[str
     remaining = max(cfg.steps - int(state.step), 0)
     t_train = time.perf_counter()
     checkpoints = T.TrainCheckpoints(out / "checkpoints", keep=cfg.keep_checkpoints)
+    stale = [s for s in checkpoints.steps() if s > int(state.step)]
+    if stale:  # they would outrank this run's saves in "keep the last k"
+        checkpoints.close()
+        raise FinetuneError(f"{out / 'checkpoints'} holds steps {stale} of another run: "
+                            f"--resume it, or use another --out")
     try:
         state, new_hist = T.fit(state, batch_fn, remaining, progress=cfg.progress,
                                 on_step=on_step, mesh=mesh)
