@@ -1,9 +1,10 @@
-"""Caffe <-> pytree converters: read/write prototxt and caffemodel (V1, V2). No JAX needed,
-except for ``load_caffe``, which builds a Flax module."""
+"""Caffe <-> pytree converters: read/write prototxt and caffemodel (V1, V2), and Caffe
+weights as safetensors. No JAX needed, except for ``load_caffe``, which builds a Flax
+module."""
 
 from __future__ import annotations
 
-from ._load import load_caffe
+from ._load import load_caffe, load_weights
 from .caffe_io import (
     BLOB_DTYPES,
     PARAM_NAMES,
@@ -26,12 +27,14 @@ from .caffe_io import (
 )
 from .errors import CaffeFormatError, ParamMismatchError, UnsupportedLayerError
 from .proto import caffe_pb2
+from .safetensors_io import load_safetensors, safetensors_metadata, save_safetensors
 
 __all__ = [
     "BLOB_DTYPES", "PARAM_NAMES", "CaffeFormatError", "ParamMismatchError",
     "UnsupportedLayerError", "build_caffemodel", "caffe_blob_shape", "caffe_pb2", "filter_net",
-    "format_prototxt", "load_caffe", "load_caffemodel",
+    "format_prototxt", "load_caffe", "load_caffemodel", "load_safetensors", "load_weights",
     "net_params", "param_names", "parse_caffemodel", "parse_prototxt", "read_caffemodel",
-    "read_net", "read_prototxt", "resolve_memory_budget", "save_caffemodel", "upgrade_net",
+    "read_net", "read_prototxt", "resolve_memory_budget", "safetensors_metadata",
+    "save_caffemodel", "save_safetensors", "upgrade_net",
     "write_prototxt",
 ]

@@ -13,6 +13,8 @@ import os
 import warnings
 from typing import Any
 
+import numpy as np
+
 from .caffe_io import check_param_dtypes, read_prototxt, resolve_memory_budget, upgrade_net
 from .errors import CaffeFormatError, ParamMismatchError
 
@@ -21,11 +23,34 @@ _BUILD_ERRORS = (TypeError, ValueError, IndexError, KeyError, ZeroDivisionError,
                  OverflowError, RecursionError)
 
 
-def load_caffe(prototxt, caffemodel=None, *, memory_budget: int | None = None, **kwargs):
-    """Build ``(module, params)`` from a prototxt and optional caffemodel.
+def load_weights(path, *, memory_budget: int | None = None) -> dict:
+    """``params[layer][blob]`` from a ``.caffemodel`` or a ``.safetensors`` file (told apart
+    by their first bytes; the safetensors tensors are memory-mapped), or an older fcn-jax
+    ``fcn-jax/2`` weights file."""
+    from .legacy_checkpoint import is_legacy_checkpoint, load_legacy_checkpoint
+    from .safetensors_io import is_safetensors, load_safetensors
 
-    ``module.apply({"params": params}, x)`` returns every blob by Caffe name. Without a
-    caffemodel, params come from the prototxt fillers. See ``fcn_jax.net.load_caffe`` for
+    if is_safetensors(path):
+        return load_safetensors(path, memory_budget=memory_budget)
+    if is_legacy_checkpoint(path):
+        tree, _ = load_legacy_checkpoint(path, max_bytes=memory_budget)
+        for layer, blobs in tree.items():
+            if not isinstance(blobs, dict) or not all(
+                    isinstance(v, np.ndarray) and v.dtype.kind == "f" for v in blobs.values()):
+                raise CaffeFormatError("not a params tree of float arrays", path=path,
+                                       layer=layer)
+        return tree
+    from .caffe_io import load_caffemodel
+
+    return load_caffemodel(path, memory_budget=memory_budget)
+
+
+def load_caffe(prototxt, caffemodel=None, *, memory_budget: int | None = None, **kwargs):
+    """Build ``(module, params)`` from a prototxt and optional weights.
+
+    ``caffemodel``: a ``.caffemodel``, a ``.safetensors`` file (``fcn-jax convert``), a params
+    pytree, or None. ``module.apply({"params": params}, x)`` returns every blob by Caffe
+    name. Without weights, params come from the prototxt fillers. See ``fcn_jax.net.load_caffe`` for
     ``phase``, ``input_shape``, ``strict`` and ``seed``. Any problem with the files raises
     ``CaffeFormatError``.
     """
@@ -43,9 +68,7 @@ def load_caffe(prototxt, caffemodel=None, *, memory_budget: int | None = None, *
         if caffemodel is None or kwargs.get("strict") is False:
             _check_filler_budget(_net, net_arg, kwargs, budget, path)
         if isinstance(caffemodel, (str, os.PathLike)):
-            from .caffe_io import load_caffemodel
-
-            stored = load_caffemodel(caffemodel, memory_budget=budget)
+            stored = load_weights(caffemodel, memory_budget=budget)
             _warn_unused(net_arg, stored, caffemodel, kwargs.get("phase", "TEST"))
             return _with_model_path(_net.load_caffe, net_arg, stored, caffemodel, path,
                                     kwargs)

@@ -5,7 +5,7 @@ with many examples.
 Targets (each fed arbitrary bytes, seeded with the real reference files in tests/data):
   caffemodel  converters.parse_caffemodel + net_params, and the zero-copy wire scanner
   prototxt    converters.parse_prototxt + fcn_jax.net.compile_net (structure checks)
-  checkpoint  fcn_jax.checkpoint.parse_checkpoint (format 2 and legacy 1)
+  checkpoint  converters.legacy_checkpoint (old fcn-jax/2 weights files)
   mean        converters.mean.parse_binaryproto (binaryproto means; packed and unpacked)
   npy         converters.npy.load_npy / load_npz
   image       fcn_jax.images.read_image (multi-frame GIF/APNG/TIFF, palette, 16-bit, JPEG,
@@ -63,19 +63,14 @@ def seeds(target: str) -> list[bytes]:
         files.append(DATA / "caffenet_mini" / "caffenet_mini_deploy_v1.prototxt")
         return [p.read_bytes() for p in files]
     if target == "checkpoint":
-        from flax import serialization
+        import sys
 
-        from fcn_jax.checkpoint import save_checkpoint
+        sys.path.insert(0, str(DATA.parent))
+        from conftest import legacy_weights_bytes
 
-        out = []
-        with tempfile.TemporaryDirectory() as d:
-            tree = {"conv": {"weight": np.linspace(-1, 1, 24, dtype=np.float32).reshape(2, 3, 4),
-                             "bias": np.zeros(2, np.float32)}, "opt": (np.int32(3), [1.5, "x"])}
-            save_checkpoint(Path(d) / "c", tree, {"prototxt": "name: 'n'"})
-            out.append((Path(d) / "c").read_bytes())
-        out.append(serialization.msgpack_serialize(
-            {"format": "fcn-jax/1", "meta": {}, "tree": {"w": np.ones((3, 3), np.float32)}}))
-        return out
+        tree = {"conv": {"weight": np.linspace(-1, 1, 24, dtype=np.float32).reshape(2, 3, 4),
+                         "bias": np.zeros(2, np.float32)}, "opt": {"n": 3, "l": [1.5, "x"]}}
+        return [legacy_weights_bytes(tree, {"prototxt": "name: 'n'"})]
     if target == "mean":
         from converters.proto import caffe_pb2
 
@@ -175,7 +170,7 @@ def make_target(target: str, scratch: Path):
                 expect_one_line(e)
         return fn
     if target == "checkpoint":
-        from fcn_jax.checkpoint import parse_checkpoint
+        from converters.legacy_checkpoint import parse_legacy_checkpoint as parse_checkpoint
 
         def fn(data: bytes) -> None:
             try:
@@ -319,10 +314,10 @@ def child_atheris(target: str, seconds: int, out: Path) -> None:
 
     with atheris.instrument_imports(include=["converters", "fcn_jax"]):
         import converters  # noqa: F401
+        import converters.legacy_checkpoint  # noqa: F401
         import converters.mean  # noqa: F401
         import converters.npy  # noqa: F401
         import converters.wire  # noqa: F401
-        import fcn_jax.checkpoint  # noqa: F401
         import fcn_jax.data  # noqa: F401
         import fcn_jax.images  # noqa: F401
         import fcn_jax.io_utils  # noqa: F401

@@ -12,7 +12,11 @@
   per-parameter ``lr_mult``/``decay_mult`` from the prototxt ``param`` fields, L2 weight decay
   added to the gradient); layers frozen by a path predicate; Dropout active via an rng folded
   with the step.
-- Checkpoints (msgpack, no pickle) that resume bit for bit; export to a caffemodel.
+- Checkpoints with Orbax (:class:`TrainCheckpoints`: last k and best kept, atomic,
+  restorable onto another number of devices) that resume bit for bit; export to a
+  caffemodel.
+- Several devices: :func:`make_mesh` + ``fit(..., mesh=)`` (or :func:`replicate` and
+  :func:`shard_batch` around ``train_step``) run the step data-parallel.
 
 Batches are ``{"image": (N, C, H, W) float32, "label": (N, h, w) int32}``; ``(h, w)`` is the
 size of the score map for that input (:func:`output_hw`).
@@ -21,6 +25,7 @@ size of the score map for that input (:func:`output_hw`).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import math
@@ -40,7 +45,6 @@ from converters import CaffeFormatError
 
 from . import losses
 from .caffenet import CaffeNet, caffenet_net, fc_names
-from .checkpoint import load_checkpoint, save_checkpoint
 from .dense import CellWindows, receptive_field
 from .layer_table import LayerSpec, given_input_shapes, param_names
 
@@ -49,11 +53,12 @@ PathLike = str | os.PathLike
 Params = dict[str, dict[str, Any]]
 
 __all__ = [
-    "LabelConfig", "LossConfig", "SolverConfig", "TrainState", "WindowGeometry", "batch_labels",
-    "caffe_multipliers", "confusion_matrix", "create_train_state", "dense_metrics",
-    "eval_step", "evaluate", "export_caffemodel", "fit", "frozen_paths", "learning_rate",
-    "make_optimizer", "model_net", "output_hw", "restore_train_state", "save_train_state",
-    "score_blob", "sliding_window_labels", "train_step", "window_geometry", "window_overlap",
+    "LabelConfig", "LossConfig", "SolverConfig", "TrainCheckpoints", "TrainState",
+    "WindowGeometry", "batch_labels", "caffe_multipliers", "confusion_matrix",
+    "create_train_state", "dense_metrics", "eval_step", "evaluate", "export_caffemodel", "fit",
+    "frozen_paths", "learning_rate", "make_mesh", "make_optimizer", "model_net", "output_hw",
+    "replicate", "restore_train_state", "save_train_state", "score_blob", "shard_batch",
+    "sliding_window_labels", "train_step", "window_geometry", "window_overlap",
 ]
 
 
@@ -434,11 +439,20 @@ def eval_step(state: TrainState, batch: Mapping[str, Array]) -> dict:
 
 def fit(state: TrainState, batch_fn: Callable[[int], Mapping[str, Any]], steps: int, *,
         progress: bool = True, on_step: Callable[[int, TrainState, dict], None] | None = None,
-        desc: str = "finetune") -> tuple[TrainState, list[float]]:
+        desc: str = "finetune", mesh: jax.sharding.Mesh | None = None
+        ) -> tuple[TrainState, list[float]]:
     """Run ``steps`` training steps from ``state.step``; ``batch_fn(step)`` makes the batch
-    of that step (prepared one step ahead in a thread). Returns the state and the losses."""
+    of that step (prepared one step ahead in a thread). Returns the state and the losses.
+
+    With ``mesh`` (:func:`make_mesh`) the step is data-parallel: the state is replicated,
+    each batch split over the devices, and the compiler sums the gradients across them (the
+    same loss as one device, up to float rounding)."""
     from tqdm.auto import tqdm
 
+    if mesh is not None:
+        state = replicate(state, mesh)
+        make = batch_fn
+        batch_fn = lambda step: shard_batch(make(step), mesh)  # noqa: E731
     start = int(state.step)
     history: list[float] = []
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -509,51 +523,244 @@ def evaluate(state: TrainState, batches: Iterable[Mapping[str, Any]], num_classe
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def save_train_state(path: PathLike, state: TrainState, meta: dict | None = None) -> None:
-    """Save step, params, optimizer state and rng (msgpack, atomic) for an exact resume."""
-    tree = {"step": np.asarray(state.step), "params": state.params,
-            "opt_state": serialization.to_state_dict(state.opt_state),
-            "rng": np.asarray(state.rng)}
-    save_checkpoint(path, jax.tree_util.tree_map(np.asarray, tree), meta)
+@contextlib.contextmanager
+def _quiet_orbax() -> Any:
+    """Orbax's informational absl warnings (read-only folders, saves without metrics) off."""
+    import logging
 
-
-def _restore_like(template: Any, saved: Any, path: PathLike, where: str) -> Any:
-    """``saved`` shaped as ``template``; every array checked for shape and dtype."""
-    def check(t, s, keypath):
-        name = where + jax.tree_util.keystr(keypath)
-        s = np.asarray(s)
-        if s.shape != np.shape(t) or s.dtype != np.asarray(t).dtype:
-            raise CaffeFormatError(f"{s.dtype}{list(s.shape)} does not match the model's "
-                                   f"{np.asarray(t).dtype}{list(np.shape(t))}", path=path,
-                                   field=name)
-        return jnp.asarray(s)
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
     try:
-        restored = serialization.from_state_dict(template, saved)
-    except (KeyError, ValueError, TypeError) as e:
-        raise CaffeFormatError(f"does not match the model ({e})", path=path,
-                               field=where) from None
-    return jax.tree_util.tree_map_with_path(lambda kp, t, s: check(t, s, kp), template,
-                                            restored)
+        yield
+    finally:
+        logger.setLevel(level)
 
 
-def restore_train_state(path: PathLike, template: TrainState) -> tuple[TrainState, dict]:
-    """Load a :func:`save_train_state` checkpoint into ``template`` (same model and
-    optimizer); returns ``(state, meta)``. Mismatches raise ``CaffeFormatError``."""
-    tree, meta = load_checkpoint(path)
-    missing = [k for k in ("step", "params", "opt_state", "rng") if k not in tree]
-    if missing:
-        raise CaffeFormatError(f"not a training checkpoint (missing {missing})", path=path)
-    params = tree["params"]
-    want, have = set(template.params), set(params) if isinstance(params, dict) else set()
-    if want != have:
-        raise CaffeFormatError(f"layers differ: missing {sorted(want - have)}, unexpected "
-                               f"{sorted(have - want)}", path=path, field="params")
-    new = template.replace(
-        step=_restore_like(template.step, tree["step"], path, "step"),
-        params=_restore_like(template.params, params, path, "params"),
-        opt_state=_restore_like(template.opt_state, tree["opt_state"], path, "opt_state"),
-        rng=_restore_like(template.rng, tree["rng"], path, "rng"))
-    return new, meta
+def _state_tree(state: TrainState) -> dict:
+    return {"step": state.step, "params": state.params,
+            "opt_state": serialization.to_state_dict(state.opt_state), "rng": state.rng}
+
+
+class TrainCheckpoints:
+    """Training checkpoints (params, optimizer state, step, rng and a JSON ``meta`` such as
+    the run's config) in an Orbax ``CheckpointManager`` folder: one sub-folder per step,
+    keeping the last ``keep`` and, with ``metrics={"loss": ...}`` given to :meth:`save`, the
+    one of lowest loss. Each save is written to a temporary folder and renamed when complete
+    (atomic: a failed or killed save leaves the earlier steps intact), asynchronously: the
+    next training step runs while it is written. Arrays are restored onto the shardings of a
+    template, so a checkpoint made on N devices resumes on M. Under ``jax.distributed``
+    every process makes the same calls."""
+
+    def __init__(self, directory: PathLike, *, keep: int = 3, keep_best: bool = True,
+                 async_save: bool = True, read_only: bool = False):
+        import orbax.checkpoint as ocp
+        from orbax.checkpoint import checkpoint_managers as cm
+
+        if keep < 1:
+            raise ValueError("keep must be >= 1")
+        self.directory = os.path.abspath(os.fspath(directory))
+        if os.path.isfile(self.directory):
+            raise CaffeFormatError("is a file, not an Orbax checkpoint folder (checkpoints "
+                                   "of fcn-jax before 0.2 cannot be resumed)",
+                                   path=self.directory)
+        if read_only and not os.path.isdir(self.directory):
+            raise CaffeFormatError("no such checkpoint folder", path=self.directory)
+        policies = [cm.LatestN(n=keep)]
+        if keep_best:
+            policies.append(cm.BestN(get_metric_fn=lambda m: m["loss"], reverse=True, n=1))
+        self._ocp = ocp
+        with _quiet_orbax():
+            options = ocp.CheckpointManagerOptions(
+                preservation_policy=cm.AnyPreservationPolicy(policies),
+                best_fn=lambda m: m["loss"], best_mode="min", read_only=read_only,
+                create=not read_only, enable_async_checkpointing=async_save)
+            self.manager = ocp.CheckpointManager(
+                self.directory, options=options,
+                item_handlers={"state": ocp.StandardCheckpointHandler(),
+                               "meta": ocp.JsonCheckpointHandler()})
+
+    def save(self, state: TrainState, meta: Mapping[str, Any] | None = None, *,
+             metrics: Mapping[str, float] | None = None) -> None:
+        """Save ``state`` at step ``state.step`` (replacing a save of the same step)."""
+        ocp = self._ocp
+        step = int(state.step)
+        with _quiet_orbax():
+            if step in self.manager.all_steps():
+                self.manager.wait_until_finished()
+                self.manager.delete(step)
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(_state_tree(state)),
+                meta=ocp.args.JsonSave(dict(meta or {}))),
+                metrics=None if metrics is None else {k: float(v) for k, v in metrics.items()})
+
+    def steps(self) -> list[int]:
+        """The steps saved (and kept), ascending."""
+        self.manager.wait_until_finished()
+        return sorted(self.manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        """The last step saved, or None."""
+        self.manager.wait_until_finished()
+        return self.manager.latest_step()
+
+    def best_step(self) -> int | None:
+        """The step of lowest ``metrics["loss"]``, or None when no save had metrics."""
+        self.manager.wait_until_finished()
+        return self.manager.best_step()
+
+    def _step(self, step: int | None) -> int:
+        self.manager.wait_until_finished()
+        steps = self.manager.all_steps()
+        if not steps:
+            raise CaffeFormatError("no training checkpoint in this folder", path=self.directory)
+        step = self.manager.latest_step() if step is None else int(step)
+        if step not in steps:
+            raise CaffeFormatError(f"no step {step} (steps: {sorted(steps)})",
+                                   path=self.directory, field="step")
+        return step
+
+    def _saved_tree(self, step: int) -> Any:
+        try:
+            with _quiet_orbax():
+                tree = self.manager.item_metadata(step)["state"]
+            tree = getattr(tree, "tree", tree)
+        except (KeyError, ValueError, FileNotFoundError, TypeError, AttributeError) as e:
+            raise CaffeFormatError(f"step {step} is not a training checkpoint ({e})",
+                                   path=self.directory) from None
+        if not isinstance(tree, Mapping) or {"step", "params", "opt_state", "rng"} - set(tree):
+            raise CaffeFormatError(f"step {step} is not a training checkpoint (needs step, "
+                                   f"params, opt_state, rng)", path=self.directory)
+        return tree
+
+    def read(self, step: int | None = None) -> tuple[dict, dict]:
+        """``(tree, meta)`` of a step (default: the latest) without a template: ``tree`` is
+        ``{"step", "params", "opt_state", "rng"}`` as numpy arrays."""
+        ocp = self._ocp
+        step = self._step(step)
+        saved = self._saved_tree(step)
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree_util.tree_map(
+            lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), saved)
+        with _quiet_orbax():
+            out = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+        return jax.tree_util.tree_map(np.asarray, dict(out["state"])), dict(out["meta"] or {})
+
+    def restore(self, template: TrainState, step: int | None = None
+                ) -> tuple[TrainState, dict]:
+        """``(state, meta)`` of a step (default: the latest) into ``template`` (same model and
+        optimizer; its arrays' shardings are where the restored arrays go). A checkpoint of
+        another model raises ``CaffeFormatError`` naming the folder and the entry."""
+        ocp = self._ocp
+        step = self._step(step)
+        saved = self._saved_tree(step)
+        want = _state_tree(template)
+        _check_like(want, saved, self.directory)
+        target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, want)
+        with _quiet_orbax():
+            out = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+        tree = out["state"]
+        state = template.replace(
+            step=tree["step"], params=tree["params"], rng=tree["rng"],
+            opt_state=serialization.from_state_dict(template.opt_state, tree["opt_state"]))
+        return state, dict(out["meta"] or {})
+
+    def close(self) -> None:
+        """Wait for a save under way and release the manager."""
+        with _quiet_orbax():
+            self.manager.wait_until_finished()
+            self.manager.close()
+
+    def __enter__(self) -> TrainCheckpoints:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _check_like(want: Any, saved: Any, path: PathLike) -> None:
+    """Every array of ``want`` is in ``saved`` with its shape and dtype, and nothing more."""
+    flat_w = {jax.tree_util.keystr(k): v for k, v in
+              jax.tree_util.tree_flatten_with_path(want)[0]}
+    flat_s = {jax.tree_util.keystr(k): v for k, v in
+              jax.tree_util.tree_flatten_with_path(saved)[0]}
+    for name in sorted(set(flat_w) | set(flat_s), key=lambda n: (not n.startswith("['params']"),
+                                                                  n)):
+        if name not in flat_s or name not in flat_w:
+            where = "the checkpoint lacks it" if name not in flat_s else "the model lacks it"
+            raise CaffeFormatError(f"does not match the model ({where})", path=path,
+                                   field=name)
+        w, m = flat_w[name], flat_s[name]
+        ws, wd = tuple(np.shape(w)), np.dtype(getattr(w, "dtype", np.asarray(w).dtype))
+        if tuple(m.shape) != ws or np.dtype(m.dtype) != wd:
+            raise CaffeFormatError(f"{np.dtype(m.dtype)}{list(m.shape)} does not match the "
+                                   f"model's {wd}{list(ws)}", path=path, field=name)
+
+
+def save_train_state(directory: PathLike, state: TrainState, meta: dict | None = None, *,
+                     metrics: Mapping[str, float] | None = None, keep: int = 3) -> None:
+    """Save step, params, optimizer state and rng (and ``meta``, JSON) into the Orbax folder
+    ``directory`` for an exact resume (:class:`TrainCheckpoints`, waiting for the write)."""
+    with TrainCheckpoints(directory, keep=keep) as ck:
+        ck.save(state, meta, metrics=metrics)
+
+
+def restore_train_state(directory: PathLike, template: TrainState, *,
+                        step: int | None = None) -> tuple[TrainState, dict]:
+    """Load a :func:`save_train_state` step (default: the latest) into ``template`` (same
+    model and optimizer, on the devices to resume on); returns ``(state, meta)``.
+    Mismatches raise ``CaffeFormatError``."""
+    with TrainCheckpoints(directory, read_only=True) as ck:
+        return ck.restore(template, step)
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+DATA_AXIS = "data"
+
+
+def make_mesh(devices: int | Sequence[Any] | None = None) -> jax.sharding.Mesh:
+    """A 1-D ``Mesh`` with axis ``"data"`` over ``devices`` (a count of the first of
+    ``jax.devices()``, a list of devices, or None for all). Under ``jax.distributed`` (after
+    ``jax.distributed.initialize()`` in every process) ``jax.devices()`` spans all hosts."""
+    available = jax.devices()
+    if devices is None:
+        chosen = available
+    elif isinstance(devices, int):
+        if not 1 <= devices <= len(available):
+            raise ValueError(f"asked for {devices} devices but JAX sees {len(available)} "
+                             f"(on CPU, set XLA_FLAGS=--xla_force_host_platform_device_count="
+                             f"{devices} before JAX starts)")
+        chosen = available[:devices]
+    else:
+        chosen = list(devices)
+    return jax.sharding.Mesh(np.asarray(chosen), (DATA_AXIS,))
+
+
+def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+    """``tree`` (e.g. a ``TrainState``) copied whole onto every device of ``mesh``."""
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.device_put(tree, sharding)
+
+
+def shard_batch(batch: Mapping[str, Any], mesh: jax.sharding.Mesh) -> dict:
+    """``batch`` split along its first axis over the ``"data"`` axis of ``mesh``. With
+    several processes each passes its own rows (``jax.make_array_from_process_local_data``)."""
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(DATA_AXIS))
+    n = mesh.shape[DATA_AXIS]
+    out = {}
+    for k, v in batch.items():
+        if jax.process_count() > 1:
+            out[k] = jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            continue
+        if np.shape(v)[0] % n:
+            raise ValueError(f"batch {k!r} of {np.shape(v)[0]} rows does not split over "
+                             f"{n} devices")
+        out[k] = jax.device_put(v, sharding)
+    return out
 
 
 def model_net(module: nn.Module, input_shape: Sequence[int] = (1, 3, 227, 227)) -> Any:

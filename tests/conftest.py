@@ -21,6 +21,23 @@ def caffe_close(ours, ref, name: str = "", rel: float = 1e-5) -> None:
     assert err <= rel * scale, f"{name}: max abs err {err:.3g} > {rel} * {scale:.3g}"
 
 
+def legacy_weights_bytes(tree: dict, meta: dict | None = None) -> bytes:
+    """An old fcn-jax/2 weights file (``fcn-jax convert -o x.msgpack`` before safetensors),
+    written here from its documented layout: magic, sha256(payload), msgpack payload with
+    arrays as extension 1 ``(shape, dtype name, bytes)``."""
+    import hashlib
+
+    import msgpack
+
+    def ext(a):
+        a = np.asarray(a)
+        return msgpack.ExtType(1, msgpack.packb((list(a.shape), a.dtype.name, a.tobytes()),
+                                                use_bin_type=True))
+    payload = msgpack.packb({"format": "fcn-jax/2", "meta": meta or {}, "tree": tree},
+                            default=ext, use_bin_type=True)
+    return b"FCNJAX\x00\x02" + hashlib.sha256(payload).digest() + payload
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     return DATA

@@ -19,7 +19,6 @@ from conftest import DATA
 
 import converters
 from converters._io import atomic_write, atomic_write_bytes
-from fcn_jax.checkpoint import load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = DATA / "layers"
@@ -102,21 +101,19 @@ def test_caffemodel_save_killed_keeps_old_file(tmp_path, block, word):
     converters.load_caffe(LAYERS / "conv_rect.prototxt", target)  # still loads
 
 
-def test_checkpoint_save_killed_keeps_old_file(tmp_path):
-    target = tmp_path / "ckpt.msgpack"
-    save_checkpoint(target, {"w": np.zeros(4, np.float32)}, {"step": 1})
+def test_safetensors_save_killed_keeps_old_file(tmp_path):
+    target = tmp_path / "w.safetensors"
+    converters.save_safetensors(target, {"c": {"w": np.zeros(4, np.float32)}})
     old = target.read_bytes()
     proc = _child(_BLOCK_HALF_WRITTEN + f"""
-    import numpy as np
-    from fcn_jax.checkpoint import save_checkpoint
-    save_checkpoint({str(target)!r}, {{"w": np.ones(100000, np.float32)}}, {{"step": 2}})
+    import numpy as np, converters
+    converters.save_safetensors({str(target)!r}, {{"c": {{"w": np.ones(100000, np.float32)}}}})
     """)
     _wait_for(proc, "half-written")
     _kill(proc)
     assert target.read_bytes() == old
-    tree, meta = load_checkpoint(target)
-    assert meta == {"step": 1} and not tree["w"].any()
-    assert _visible(tmp_path) == ["ckpt.msgpack"]
+    assert not converters.load_safetensors(target)["c"]["w"].any()
+    assert _visible(tmp_path) == ["w.safetensors"]
 
 
 def test_saves_killed_at_random_moments_leave_old_or_new_file(tmp_path):
@@ -190,7 +187,7 @@ def _umask() -> int:
 
 
 def test_every_writer_fails_cleanly(tmp_path, monkeypatch):
-    """caffemodel, prototxt, checkpoint, npz, JSON and figures: a failure while writing (here:
+    """caffemodel, prototxt, safetensors, npz, JSON and figures: a failure while writing (here:
     the disk fills up at fsync) leaves the old file and no temp file."""
     import matplotlib
 
@@ -205,7 +202,7 @@ def test_every_writer_fails_cleanly(tmp_path, monkeypatch):
     writers = {
         "m.caffemodel": lambda p: converters.save_caffemodel(p, params, net),
         "n.prototxt": lambda p: converters.write_prototxt(p, net),
-        "c.ckpt": lambda p: save_checkpoint(p, {"w": np.ones(3)}),
+        "w.safetensors": lambda p: converters.save_safetensors(p, params, net),
         "a.npz": lambda p: io_utils.atomic_save_npz(p, {"x": np.ones(3)}),
         "a.json": lambda p: io_utils.atomic_save_json(p, {"x": 1}),
         "a.png": lambda p: io_utils.atomic_savefig(fig, p),
@@ -226,3 +223,43 @@ def test_every_writer_fails_cleanly(tmp_path, monkeypatch):
         assert target.read_bytes() != b"old", name
     plt.close(fig)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(writers)
+
+
+def test_orbax_training_checkpoints_killed_mid_save_keep_a_complete_step(tmp_path):
+    """A child saves training checkpoints of a 16 MB state over and over (step s holds the
+    value s everywhere); killed at random moments, the latest step left is complete."""
+    from fcn_jax import train as T
+
+    def code(folder):
+        return f"""
+    import jax.numpy as jnp, optax
+    from fcn_jax import train as T
+    from flax import linen as nn
+    params = {{"fc": {{"weight": jnp.zeros((2048, 2048)), "bias": jnp.zeros(2048)}}}}
+    state = T.create_train_state(nn.Dense(1), params, optax.sgd(0.1), score="x")
+    with T.TrainCheckpoints({str(folder)!r}, keep=2, async_save=False) as ck:
+        for s in range(1, 1000):
+            p = {{"fc": {{k: v + s for k, v in params["fc"].items()}}}}
+            ck.save(state.replace(step=jnp.int32(s), params=p))
+            print("saved", s, flush=True)
+    """
+
+    import jax.numpy as jnp
+    import optax
+    from flax import linen as nn
+
+    template = T.create_train_state(
+        nn.Dense(1), {"fc": {"weight": jnp.zeros((2048, 2048)), "bias": jnp.zeros(2048)}},
+        optax.sgd(0.1), score="x")
+    rng = random.Random(0)
+    for i in range(2):
+        folder = tmp_path / f"ck{i}"
+        proc = _child(code(folder))
+        _wait_for(proc, "saved 1")
+        time.sleep(0.0 if i == 0 else rng.uniform(0.0, 1.0))  # 0: right after a save
+        _kill(proc)
+        state, _ = T.restore_train_state(folder, template)
+        s = int(state.step)
+        assert s >= 1
+        assert np.all(np.asarray(state.params["fc"]["weight"]) == s)
+        assert np.all(np.asarray(state.params["fc"]["bias"]) == s)

@@ -16,15 +16,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DATA
+from conftest import DATA, legacy_weights_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import converters
 from converters import CaffeFormatError
+from converters.legacy_checkpoint import parse_legacy_checkpoint as parse_checkpoint
 from converters.npy import load_npy, load_npz
 from converters.proto import caffe_pb2
-from fcn_jax.checkpoint import parse_checkpoint, save_checkpoint
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -221,31 +221,15 @@ def test_fuzz_prototxt_reader(path, text_ops, ops, bytewise):
 
 _TREE = {"conv1": {"weight": np.linspace(-1, 1, 60, dtype=np.float32).reshape(3, 4, 5),
                    "bias": np.arange(3, dtype=np.float32)},
-         "opt": ({"mu": np.zeros(3, np.float64)}, np.int32(7)), "steps": [1, 2.5, "x", None]}
-
-
-def _checkpoint_bytes() -> bytes:
-    with tempfile.TemporaryDirectory() as d:
-        save_checkpoint(Path(d) / "c", _TREE, {"prototxt": "name: 'net'", "lr": 0.01})
-        return (Path(d) / "c").read_bytes()
-
-
-def _legacy_bytes() -> bytes:
-    from flax import serialization
-
-    return serialization.msgpack_serialize({"format": "fcn-jax/1", "meta": {"a": [1, 2]},
-                                            "tree": {"w": np.ones((4, 4), np.float32),
-                                                     "s": np.float32(2.0)}})
-
-
-_CKPT = _checkpoint_bytes()
-_LEGACY = _legacy_bytes()
+         "opt": {"mu": np.zeros(3, np.float64), "n": 7}, "steps": [1, 2.5, "x", None]}
+_CKPT = legacy_weights_bytes(_TREE, {"prototxt": "name: 'net'", "lr": 0.01})
 
 
 @fuzz_settings(800)
 @given(mutations)
-def test_fuzz_checkpoint_reader(ops):
-    """The checksum makes every real change an error; a no-op mutation reads back equal."""
+def test_fuzz_legacy_weights_reader(ops):
+    """The old fcn-jax/2 weights files: the checksum makes every real change an error; a
+    no-op mutation reads back equal."""
     raw = mutate(_CKPT, ops)
     try:
         tree, meta = parse_checkpoint(raw, "c.ckpt")
@@ -254,19 +238,6 @@ def test_fuzz_checkpoint_reader(ops):
         return
     assert raw == _CKPT
     np.testing.assert_array_equal(tree["conv1"]["weight"], _TREE["conv1"]["weight"])
-
-
-@fuzz_settings(800)
-@given(mutations)
-def test_fuzz_legacy_checkpoint_reader(ops):
-    """The older, unchecksummed format: errors or a well-typed tree, nothing else."""
-    raw = mutate(_LEGACY, ops)
-    try:
-        tree, meta = parse_checkpoint(raw, "c.ckpt")
-    except CaffeFormatError as e:
-        one_line(e)
-        return
-    assert isinstance(tree, dict) and isinstance(meta, dict)
 
 
 # ----------------------------------------------------------------------------- means, arrays

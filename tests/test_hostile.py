@@ -19,14 +19,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DATA
+from conftest import DATA, legacy_weights_bytes
 
 import converters
 from converters import CaffeFormatError
 from converters.caffe_io import PROTOBUF_LIMIT
+from converters.legacy_checkpoint import load_legacy_checkpoint as load_checkpoint
+from converters.legacy_checkpoint import parse_legacy_checkpoint as parse_checkpoint
 from converters.npy import load_npy, load_npz
 from converters.proto import caffe_pb2
-from fcn_jax.checkpoint import load_checkpoint, parse_checkpoint, save_checkpoint
 
 MINI = DATA / "caffenet_mini"
 LAYERS = DATA / "layers"
@@ -648,7 +649,7 @@ def small_checkpoint(tmp_path):
     f = tmp_path / "c.ckpt"
     tree = {"conv": {"weight": np.arange(12, dtype=np.float32).reshape(3, 4),
                      "bias": np.array([1, 2, 3], np.float32)}, "step": 7}
-    save_checkpoint(f, tree, {"prototxt": "name: 'x'"})
+    f.write_bytes(legacy_weights_bytes(tree, {"prototxt": "name: 'x'"}))
     return f
 
 
@@ -668,12 +669,15 @@ def test_checkpoint_every_truncation_and_every_bit_flip(small_checkpoint):
 
 
 def _legacy(obj_bytes: bytes) -> bytes:
-    """A fcn-jax/1 checkpoint (plain msgpack, no checksum) around a raw tree value."""
+    """An fcn-jax/2 file, with a valid checksum, around a raw (hostile) tree value."""
+    import hashlib
+
     import msgpack
 
-    head = msgpack.packb({"format": "fcn-jax/1", "meta": {}})
+    head = msgpack.packb({"format": "fcn-jax/2", "meta": {}})
     # splice "tree": <obj> into the map: fixmap of 2 -> fixmap of 3
-    return bytes([head[0] + 1]) + head[1:] + msgpack.packb("tree") + obj_bytes
+    payload = bytes([head[0] + 1]) + head[1:] + msgpack.packb("tree") + obj_bytes
+    return b"FCNJAX\x00\x02" + hashlib.sha256(payload).digest() + payload
 
 
 def _ext_array(shape, dtype: str, data: bytes, code: int = 1) -> bytes:
@@ -684,10 +688,10 @@ def _ext_array(shape, dtype: str, data: bytes, code: int = 1) -> bytes:
 
 
 @pytest.mark.parametrize("obj, message", [
-    (_ext_array([2], "object", b"\0" * 16), r"array dtype b'object' is not numeric"),
+    (_ext_array([2], "object", b"\0" * 16), r"array dtype object is not numeric"),
     (_ext_array([2], "float32", b"\0" * 4), r"array of shape \(2,\) and dtype float32 needs 8 "
-                                            r"bytes, holds 4"),
-    (_ext_array([2**40, 2**40], "float32", b""), r"array of shape .* needs \d+ bytes, holds 0"),
+                                            r"bytes"),
+    (_ext_array([2**40, 2**40], "float32", b""), r"array of shape .* needs \d+ bytes"),
     (_ext_array([-1], "float32", b""), r"bad array shape"),
     (_ext_array([1], "float32", b"\0" * 4, code=42), r"unknown msgpack extension type 42"),
     (b"\xdf\x7f\xff\xff\xff", r"not a valid checkpoint"),          # map32 of 2**31 entries
@@ -698,23 +702,6 @@ def test_hostile_legacy_checkpoints(tmp_path, obj, message):
     with pytest.raises(CaffeFormatError, match=r"h\.ckpt: " + message) as e:
         load_checkpoint(f)
     one_line(e)
-
-
-def test_legacy_checkpoint_still_reads(tmp_path):
-    from flax import serialization
-
-    tree = {"a": {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}}
-    raw = serialization.msgpack_serialize({"format": "fcn-jax/1", "meta": {"k": 1},
-                                           "tree": tree})
-    got, meta = load_checkpoint(write(tmp_path, "old.ckpt", raw))
-    np.testing.assert_array_equal(got["a"]["w"], tree["a"]["w"])
-    assert meta == {"k": 1}
-
-
-def test_checkpoint_refuses_unstorable_values(tmp_path):
-    with pytest.raises(TypeError, match="cannot store a set"):
-        save_checkpoint(tmp_path / "x.ckpt", {"a": {1, 2}})
-    assert not list(tmp_path.iterdir())
 
 
 # ----------------------------------------------------------------------------- no pickle

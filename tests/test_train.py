@@ -8,6 +8,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import converters
@@ -378,7 +379,7 @@ def test_checkpoint_resume_is_bit_exact(tiny_caffenet, tmp_path, solver):
     state = _caffenet_state(module, params, solver=solver, freeze=freeze, seed=5)
     for b in batches[:2]:
         state, _ = T.train_step(state, b)
-    path = tmp_path / "ck.msgpack"
+    path = tmp_path / "ck"
     T.save_train_state(path, state, {"note": "x"})
     cont, seen = state, []
     for b in batches[2:]:
@@ -399,16 +400,20 @@ def test_checkpoint_resume_is_bit_exact(tiny_caffenet, tmp_path, solver):
 def test_restore_into_a_different_model_is_a_clear_error(tiny_caffenet, tmp_path):
     module, params = tiny_caffenet
     state = _caffenet_state(module, params)
-    path = tmp_path / "ck.msgpack"
+    path = tmp_path / "ck"
     T.save_train_state(path, state)
     other = CaffeNet(fully_conv=True, widths=(4, 8, 8, 8, 8, 8, 16), num_classes=3)
     p2 = _random_params(other)
     with pytest.raises(CaffeFormatError) as e:
         T.restore_train_state(path, _caffenet_state(other, p2))
-    assert "ck.msgpack" in str(e.value) and "fc7-conv" in str(e.value)
+    assert "/ck: ['params']['fc7-conv']['bias']: float32[8] does not match the model's " \
+           "float32[16]" in str(e.value)
+    assert "\n" not in str(e.value)
     (tmp_path / "junk.msgpack").write_bytes(b"\x00garbage")
-    with pytest.raises(CaffeFormatError):
+    with pytest.raises(CaffeFormatError, match="not an Orbax checkpoint folder"):
         T.restore_train_state(tmp_path / "junk.msgpack", state)
+    with pytest.raises(CaffeFormatError, match="no such checkpoint folder"):
+        T.restore_train_state(tmp_path / "nothing", state)
 
 
 def test_export_caffemodel_round_trips(tiny_caffenet, tmp_path):
@@ -473,29 +478,29 @@ def test_finetune_command_demo_and_resume(tmp_path):
         ev = metrics["eval"][when]
         assert 0.0 <= ev["cell_accuracy"] <= 1.0 and 0.0 <= ev["mean_iou"] <= 1.0
     assert metrics["model"]["window"] == {"size": [227, 227], "stride": [32, 32]}
-    for name in ("loss_curve.png", "heatmap_0.png", "classes_after.png", "checkpoint.msgpack",
+    for name in ("loss_curve.png", "heatmap_0.png", "classes_after.png",
                  "finetuned.prototxt", "finetuned.caffemodel"):
         assert (out / name).stat().st_size > 0, name
     graph, gparams = load_caffe(out / "finetuned.prototxt", out / "finetuned.caffemodel")
     assert gparams["fc8-conv"]["weight"].shape == (4, 8, 1, 1)
     # trained on inputs x 0.017; the export folds that into conv1 and takes plain inputs
     assert metrics["data"]["input_scale"] == pytest.approx(0.017)
-    from fcn_jax.checkpoint import load_checkpoint
-
-    trained = load_checkpoint(out / "checkpoint.msgpack")[0]["params"]
+    with T.TrainCheckpoints(out / "checkpoints", read_only=True) as ck:
+        assert ck.steps() == [2]
+        trained = ck.read()[0]["params"]
     x = np.random.default_rng(0).normal(size=(1, 3, 227, 259)).astype(np.float32) * 60
     a = graph.apply({"params": gparams}, x)["fc8-conv"]
     b = CaffeNet(fully_conv=True, widths=TINY_WIDTHS, num_classes=4).apply(
         {"params": trained}, x * np.float32(0.017))["fc8-conv"]
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
     # resume to step 3: the first two losses are kept, one new step is run
-    assert main([*args, "--steps", "3", "--resume", str(out / "checkpoint.msgpack")]) == 0
+    assert main([*args, "--steps", "3", "--resume", str(out / "checkpoints")]) == 0
     resumed = json.loads((out / "metrics.json").read_text())
     assert resumed["train_loss"][:2] == metrics["train_loss"] and len(resumed["train_loss"]) == 3
     assert resumed["eval"]["before"] == metrics["eval"]["before"]
     # a changed setting refuses to resume, with a one-line error
     assert main([*args, "--steps", "4", "--seed", "1", "--resume",
-                 str(out / "checkpoint.msgpack")]) == 2
+                 str(out / "checkpoints")]) == 2
 
 
 def test_finetune_command_with_annotations_and_weights(tmp_path, capsys):
@@ -519,3 +524,16 @@ def test_finetune_command_with_annotations_and_weights(tmp_path, capsys):
     assert "conv1/weight" in metrics["model"]["frozen"]
     assert main(["finetune", "--data", str(tmp_path / "none.jsonl"), "--steps", "1",
                  "--out", str(out)]) == 2
+
+
+def test_checkpoints_keep_the_last_k_and_the_best(tiny_graph, tmp_path):
+    _, module, params = tiny_graph
+    state = T.create_train_state(module, params, optax.sgd(0.1))
+    with T.TrainCheckpoints(tmp_path / "ck", keep=2) as ck:
+        for step, loss in zip(range(1, 6), [0.5, 0.9, 0.8, 0.7, 0.6], strict=True):
+            ck.save(state.replace(step=jnp.int32(step)), {"loss": loss},
+                    metrics={"loss": loss})
+        assert ck.steps() == [1, 4, 5] and ck.best_step() == 1 and ck.latest_step() == 5
+        assert ck.read(1)[1] == {"loss": 0.5}
+        with pytest.raises(CaffeFormatError, match=r"ck: step: no step 2 \(steps: \[1, 4, 5\]"):
+            ck.restore(state, 2)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 
 import numpy as np
@@ -15,8 +14,8 @@ from converters import CaffeFormatError
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="layers, blob shapes and param shapes of a net")
-    p.add_argument("file", help=".prototxt or .caffemodel")
-    p.add_argument("--weights", help="caffemodel to check against the prototxt")
+    p.add_argument("file", help=".prototxt, .caffemodel or .safetensors (from fcn-jax convert)")
+    p.add_argument("--weights", help="caffemodel or safetensors to check against the prototxt")
     p.add_argument("--input-shape", type=int, nargs="+", metavar="D",
                    help="input shape N C H W (default: the prototxt's)")
     p.add_argument("--check", action="store_true",
@@ -33,10 +32,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--outputs", nargs="+", help="only these blobs (default: all)")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("convert", help="caffemodel -> fcn-jax checkpoint (msgpack, no pickle)")
+    p = sub.add_parser("convert", help="caffemodel -> safetensors ('{layer}/{blob}' tensors in "
+                       "Caffe's shapes; the prototxt and the caffemodel's sha256 in metadata)")
     p.add_argument("prototxt")
     p.add_argument("caffemodel")
-    p.add_argument("-o", "--output", required=True, help="checkpoint path (.msgpack)")
+    p.add_argument("-o", "--output", required=True, help="output path (.safetensors)")
     p.set_defaults(func=cmd_convert)
 
 
@@ -73,13 +73,22 @@ def cmd_info(args: argparse.Namespace) -> int:
     import jax
 
     from converters.errors import printable
+    from converters.safetensors_io import is_safetensors
     from fcn_jax.net import blob_names, build_module, example_inputs, expected_param_shapes
 
-    net = converters.read_net(args.file)
-    is_model = any(layer.blobs for layer in net.layer)
-    params = converters.net_params(net, path=args.file) if is_model else None
+    if is_safetensors(args.file):  # the net from its metadata, the weights from the tensors
+        text = converters.safetensors_metadata(args.file).get("prototxt")
+        if text is None:
+            raise CaffeFormatError("no prototxt in the metadata; pass the .prototxt and "
+                                   "--weights", path=args.file, field="metadata")
+        net = converters.parse_prototxt(text, args.file)
+        params = converters.load_safetensors(args.file)
+    else:
+        net = converters.read_net(args.file)
+        is_model = any(layer.blobs for layer in net.layer)
+        params = converters.net_params(net, path=args.file) if is_model else None
     if args.weights:
-        params = converters.load_caffemodel(args.weights)
+        params = converters.load_weights(args.weights)
     print(f"net: {printable(net.name) or '(unnamed)'}  ({len(net.layer)} layers, from "
           f"{printable(args.file)})")
     module = build_module(net, path=args.file)
@@ -198,14 +207,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from fcn_jax.checkpoint import save_checkpoint
     from fcn_jax.io_utils import prepare_output
 
     prepare_output(args.output, [args.prototxt, args.caffemodel], create=False)
     net = converters.read_prototxt(args.prototxt)
     _, params = converters.load_caffe(args.prototxt, args.caffemodel)
     prepare_output(args.output, [args.prototxt, args.caffemodel])
-    save_checkpoint(args.output, params, {"prototxt": converters.format_prototxt(net),
-                                          "source": os.path.basename(args.caffemodel)})
-    print(f"wrote {args.output}: {len(params)} layers")
+    converters.save_safetensors(args.output, params, net, source=args.caffemodel)
+    count = sum(len(b) for b in params.values())
+    print(f"wrote {args.output}: {count} tensors of {len(params)} layers")
     return 0

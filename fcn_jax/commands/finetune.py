@@ -5,7 +5,8 @@
 accuracy and mean IoU of the dense map on held-out images, ``eval_curve``),
 ``loss_curve.png``, ``heatmap_<n>.png`` (P(object) before/after on held-out images),
 ``targets.png`` (the ground-truth cell labels) and ``classes_after.png`` (the argmax map) of
-the first of them, ``checkpoint.msgpack`` (resumable with ``--resume``) and the fine-tuned
+the first of them, ``checkpoints/`` (Orbax: the last 3 steps saved and the one of lowest
+training loss; resumable with ``--resume DIR/checkpoints``) and the fine-tuned
 ``finetuned.prototxt`` + ``finetuned.caffemodel`` (any ``--input-scale`` folded into the
 first layer, so it takes the standard ImageNet preprocessing).
 """
@@ -70,6 +71,8 @@ class FinetuneConfig:
     seed: int = 0
     resume: str | None = None
     checkpoint_every: int = 0
+    keep_checkpoints: int = 3
+    devices: int = 1
     eval_every: int = 0
     heatmap_images: int = 3
     progress: bool = True
@@ -127,8 +130,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="overlap up to which a cell is background (default %(default)s)")
     p.add_argument("--class-weights", type=float, nargs="+", metavar="W")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", help="checkpoint.msgpack of an earlier run with the same flags")
+    p.add_argument("--resume", metavar="DIR", help="checkpoints/ folder of an earlier run with "
+                   "the same flags (its latest step; any --devices)")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS")
+    p.add_argument("--keep-checkpoints", type=int, default=3, metavar="K",
+                   help="keep the last K checkpoints (and the best); default 3")
+    p.add_argument("--devices", type=int, default=1, metavar="N",
+                   help="data-parallel over the first N devices (the batch is split, the "
+                   "params replicated); under jax.distributed, over all hosts' devices")
     p.add_argument("--eval-every", type=int, default=0, metavar="STEPS",
                    help="also evaluate the held-out images every STEPS steps (eval_curve)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -152,7 +161,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
           f"cell accuracy {ev['before']['cell_accuracy']:.3f} -> "
           f"{ev['after']['cell_accuracy']:.3f}")
     print(f"wrote {cfg.out}/: metrics.json, loss_curve.png, heatmap_*.png, targets.png, "
-          f"classes_after.png, checkpoint.msgpack, finetuned.prototxt, finetuned.caffemodel")
+          f"classes_after.png, checkpoints/, finetuned.prototxt, finetuned.caffemodel")
     return 0
 
 
@@ -364,6 +373,15 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], Any] = print) -> dict[str
         raise FinetuneError("--steps must be >= 0")
     if cfg.batch_size < 1:
         raise FinetuneError("--batch-size must be >= 1")
+    mesh = None
+    if cfg.devices != 1:
+        try:
+            mesh = T.make_mesh(cfg.devices)
+        except ValueError as e:
+            raise FinetuneError(f"--devices: {e}") from None
+        if cfg.batch_size % mesh.size:
+            raise FinetuneError(f"--batch-size {cfg.batch_size} does not split over "
+                                f"{mesh.size} devices")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -425,14 +443,17 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], Any] = print) -> dict[str
     val_batches = [_pad(labelled(*D.eval_batch(val_ds, s, cfg.batch_size, tcfg)),
                         cfg.batch_size, labels_cfg.ignore_label)
                    for s in range(0, len(val_ds), cfg.batch_size)]
+    if mesh is not None:
+        state = T.replicate(state, mesh)
+        val_batches = [T.shard_batch(b, mesh) for b in val_batches]
     config_meta = {k2: (list(v) if isinstance(v, tuple) else v)
                    for k2, v in dataclasses.asdict(cfg).items()
                    if k2 not in ("out", "resume", "progress", "steps", "checkpoint_every",
-                                 "eval_every")}
+                                 "eval_every", "keep_checkpoints", "devices")}
     history: list[float] = []
     shown = _pick_heatmap_images(val_ds, cfg.heatmap_images)
     if cfg.resume:
-        state, meta = T.restore_train_state(cfg.resume, state)
+        state, meta = T.restore_train_state(cfg.resume, state)  # onto state's devices
         if meta.get("config") != config_meta:
             diff = sorted(k2 for k2 in config_meta if meta.get("config", {}).get(k2)
                           != config_meta[k2])
@@ -465,12 +486,23 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], Any] = print) -> dict[str
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
             m = meta_now(st)
             m["train_loss"] = history + done
-            T.save_train_state(out / "checkpoint.msgpack", st, m)
+            recent = done[-cfg.checkpoint_every:]
+            checkpoints.save(st, m, metrics={"loss": sum(recent) / len(recent)})
 
     remaining = max(cfg.steps - int(state.step), 0)
     t_train = time.perf_counter()
-    state, new_hist = T.fit(state, batch_fn, remaining, progress=cfg.progress,
-                            on_step=on_step)
+    checkpoints = T.TrainCheckpoints(out / "checkpoints", keep=cfg.keep_checkpoints)
+    stale = [s for s in checkpoints.steps() if s > int(state.step)]
+    if stale:  # they would outrank this run's saves in "keep the last k"
+        checkpoints.close()
+        raise FinetuneError(f"{out / 'checkpoints'} holds steps {stale} of another run: "
+                            f"--resume it, or use another --out")
+    try:
+        state, new_hist = T.fit(state, batch_fn, remaining, progress=cfg.progress,
+                                on_step=on_step, mesh=mesh)
+    except BaseException:
+        checkpoints.close()
+        raise
     train_s = time.perf_counter() - t_train
     history = history + new_hist
     after = T.evaluate(state, val_batches, k, class_names=names)
@@ -479,7 +511,10 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], Any] = print) -> dict[str
     log(f"after:  held-out mean IoU {after['mean_iou']:.3f}, cell accuracy "
         f"{after['cell_accuracy']:.3f}")
 
-    T.save_train_state(out / "checkpoint.msgpack", state, meta_now(state))
+    last = history[-max(cfg.checkpoint_every, 1):]
+    checkpoints.save(state, meta_now(state),
+                     metrics={"loss": sum(last) / len(last)} if last else None)
+    checkpoints.close()
     atomic_write_text(out / "finetuned.prototxt", converters.format_prototxt(net))
     # the exported model takes the standard preprocessing: input_scale folded into layer 1
     T.export_caffemodel(out / "finetuned.caffemodel", fold_input_scale(

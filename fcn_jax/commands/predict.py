@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "exit status is 1 if any was skipped or gave non-finite outputs. An interrupted run "
         "continues with --resume.")
     p.add_argument("prototxt", help="deploy .prototxt (V1 or V2)")
-    p.add_argument("weights", help=".caffemodel, or an fcn-jax checkpoint")
+    p.add_argument("weights", help=".caffemodel, or .safetensors from fcn-jax convert")
     p.add_argument("images", nargs="*", help="image files")
     p.add_argument("--dir", help="also every image under this folder (recursive)")
     p.add_argument("--out", required=True, help="output folder")
@@ -52,19 +52,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _load_weights(prototxt: str, weights: str, input_shape):
-    from converters._io import open_regular
-    from converters.caffe_io import check_param_dtypes
-    from fcn_jax.checkpoint import MAGIC, load_checkpoint
-
-    try:
-        with open_regular(weights) as f:
-            head = f.read(len(MAGIC))
-    except OSError as e:
-        raise CaffeFormatError(f"cannot read: {e.strerror or e}", path=weights) from None
-    if head == MAGIC:
-        tree, _ = load_checkpoint(weights)
-        check_param_dtypes(tree, path=weights)
-        return converters.load_caffe(prototxt, tree, input_shape=input_shape)
     return converters.load_caffe(prototxt, weights, input_shape=input_shape)
 
 
