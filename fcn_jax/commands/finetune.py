@@ -135,13 +135,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_finetune)
 
 
-def cmd_finetune(args: argparse.Namespace) -> int:
-    """Run ``fcn-jax finetune`` from parsed arguments."""
+def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
+    """The :class:`FinetuneConfig` of parsed ``fcn-jax finetune`` arguments."""
     fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
     kw = {k: v for k, v in vars(args).items() if k in fields}
     kw["progress"] = not args.no_progress
     kw["input_size"] = tuple(args.input_size)
-    cfg = FinetuneConfig(**kw)
+    return FinetuneConfig(**kw)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """Run ``fcn-jax finetune`` from parsed arguments."""
+    cfg = config_from_args(args)
     try:
         result = finetune(cfg, log=print)
     except (FinetuneError, FloatingPointError) as e:
