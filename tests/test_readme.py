@@ -59,12 +59,16 @@ def test_every_name_the_readme_shows_imports():
 
 
 def _python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", README, re.S)
+    """The ```python blocks, dedented (blocks inside list items are indented)."""
+    import textwrap
+
+    return [textwrap.dedent(code) for _, code in
+            re.findall(r"^( *)```python\n(.*?)^\1```", README, re.S | re.M)]
 
 
 def test_readme_python_examples_run(predict_output, capsys):
     blocks = _python_blocks()
-    assert len(blocks) >= 2
+    assert len(blocks) >= 3
     ns: dict = {}
     for code in blocks:
         for old, new in SUBSTITUTIONS.items():
@@ -78,6 +82,8 @@ def test_readme_python_examples_run(predict_output, capsys):
     info = json.loads((MINI / "caffenet_mini_info.json").read_text())
     assert np.asarray(ns["cmap"]).tolist() == info["classification_map"]
     assert ns["blobs"]["prob"].shape == (1, 1000)
+    # the annotation example writes what fine-tuning reads
+    assert ns["data"].read_annotations("annotations.jsonl")[1][1].shape == (2, 5)
     # the predict reader example reads what predict wrote
     assert "maps/000000.npz (9, 7) [9, 7]" in capsys.readouterr().out
 
