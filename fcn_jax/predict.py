@@ -7,8 +7,9 @@ padded), runs the jit-compiled net batch by batch and writes results as it goes:
 ``OUT/results.jsonl``
     one JSON record per image, appended and fsynced after every batch (a journal):
     ``{"image", "top_k": [{"class", "score", "label"?}], "nonfinite"}``; in dense mode also
-    ``{"shard", "key", "shape"}`` pointing at the maps; ``{"image", "error"}`` for an image
-    that could not be read.
+    ``{"shard", "key", "shape"}`` pointing at the maps, and ``top_k`` ranks the classes by
+    their score averaged over the whole map; ``{"image", "error"}`` for an image that could
+    not be read.
 ``OUT/maps/NNNNNN.npz`` (dense mode)
     one archive per batch, written atomically *before* its records: ``KEY_argmax`` (H, W)
     class map, ``KEY_score`` (H, W) its score, and ``KEY_blob`` (C, H, W) with
