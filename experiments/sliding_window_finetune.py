@@ -12,14 +12,20 @@ training loss, time) and writes to ``--out``:
 - per solver, ``<solver>/``: the run's ``metrics.json``, loss curve, before/after heatmaps of
   P(object) on held-out images, the argmax class map, checkpoint and fine-tuned caffemodel.
 
-    python experiments/sliding_window_finetune.py --out results/sliding_window --steps 600
+It also runs ``fcn-jax finetune --demo --steps 200`` exactly as the command line does
+(``--cli-steps``; 0 skips it). The README's fine-tuning table is these numbers; the JSON
+records the date and the git commit they were made at.
+
+    python experiments/sliding_window_finetune.py   # README table: results/sliding_window_finetune/
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,7 +34,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fcn_jax.commands.finetune import DEMO_WIDTHS, FinetuneConfig, finetune  # noqa: E402
+from fcn_jax.commands.finetune import (  # noqa: E402
+    DEMO_WIDTHS,
+    FinetuneConfig,
+    config_from_args,
+    finetune,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 #: Learning rates per solver (Adam's default; Caffe's CaffeNet base_lr for SGD).
 LEARNING_RATES = {"Adam": 1e-3, "SGD": 1e-2}
@@ -46,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--widths", type=int, nargs=7, default=DEMO_WIDTHS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--progress", action="store_true", help="show a progress bar per run")
+    p.add_argument("--cli-steps", type=int, default=200,
+                   help="also run `fcn-jax finetune --demo --steps N` as the CLI does (0: no)")
     args = p.parse_args(argv)
 
     import jax
@@ -55,7 +70,21 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    commit = _git_commit()
     runs = {}
+    if args.cli_steps:
+        from fcn_jax.cli import build_parser
+
+        cli_args = build_parser().parse_args(
+            ["finetune", "--demo", "--steps", str(args.cli_steps), "--out", str(out / "cli"),
+             "--no-progress"])
+        cfg = config_from_args(cli_args)
+        print(f"== fcn-jax finetune --demo --steps {args.cli_steps} ({cfg.solver}, CLI "
+              "defaults)", flush=True)
+        t = time.perf_counter()
+        runs["cli"] = finetune(cfg, log=lambda s: print("  " + s, flush=True))
+        runs["cli"]["wall_s"] = round(time.perf_counter() - t, 1)
     for solver in args.solvers:
         cfg = FinetuneConfig(
             out=str(out / solver.lower()), steps=args.steps, demo=True, solver=solver,
@@ -73,7 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         b, a = r["eval"]["before"], r["eval"]["after"]
         tail = r["train_loss"][-20:]
         rows.append({
-            "solver": solver, "lr": r["solver"]["base_lr"], "steps": r["steps"],
+            "run": ("fcn-jax finetune --demo --steps " + str(r["steps"]) if solver == "cli"
+                    else f"experiments/sliding_window_finetune.py, {solver}"),
+            "solver": r["solver"].get("type", solver) if solver == "cli" else solver,
+            "lr": r["solver"]["base_lr"], "steps": r["steps"],
             "miou_before": b["mean_iou"], "miou_after": a["mean_iou"],
             "acc_before": b["cell_accuracy"], "acc_after": a["cell_accuracy"],
             "iou_after": a["iou"], "train_loss_first20": float(np.mean(r["train_loss"][:20])),
@@ -102,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     atomic_save_json(out / "results.json", {
         "experiment": "sliding-window fine-tuning, synthetic task, narrow CaffeNet from "
                       "random init",
+        "date": started, "commit": commit,
         "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
         "rows": rows,
         "eval_curves": {s: r["eval_curve"] for s, r in runs.items()},
@@ -114,6 +147,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nwrote {out}/results.json, loss_curves.png, miou_curves.png and one folder per "
           f"solver")
     return 0
+
+
+def _git_commit() -> str | None:
+    """The checked-out commit, with ``-dirty`` when tracked files have changes."""
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], check=True,
+                              capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain",
+                                "--untracked-files=no"], check=True, capture_output=True,
+                               text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("-dirty" if dirty else "")
 
 
 def _miou_figure(runs: dict, path: Path) -> None:

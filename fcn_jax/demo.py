@@ -27,7 +27,7 @@ import numpy as np
 import converters
 
 from . import netdef as fcn_net
-from .caffenet import CAFFENET_WIDTHS, CaffeNet, caffenet_prototxt
+from .assets import default_labels
 
 #: The tutorial's single-convolution net (Caffe's examples/net_surgery/conv.prototxt).
 CONV_PROTOTXT = """name: "convolution"
@@ -39,7 +39,8 @@ layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
           bias_filler { type: "constant" value: 0 } } }
 """
 
-#: A few ImageNet class names (the tutorial's cat classes); others print as numbers.
+#: A few ImageNet class names (the tutorial's cat classes); a net with 1000 outputs is named
+#: from the shipped synset words (``fcn_jax.assets.imagenet_labels``).
 CLASS_NAMES = {281: "tabby cat", 282: "tiger cat", 283: "Persian cat", 284: "Siamese cat",
                285: "Egyptian cat"}
 
@@ -54,8 +55,14 @@ class DemoConfig:
     class_index: int = 281
     size: int = 451
     seed: int = 0
-    widths: tuple[int, ...] = CAFFENET_WIDTHS
+    widths: tuple[int, ...] | None = None  # None: CaffeNet's (fcn_jax.CAFFENET_WIDTHS)
     crop_check: bool = True
+
+    def caffenet_widths(self) -> tuple[int, ...]:
+        """The widths of the random CaffeNet: ``widths`` or CaffeNet's own."""
+        from .caffenet import CAFFENET_WIDTHS
+
+        return tuple(self.widths) if self.widths else CAFFENET_WIDTHS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -70,7 +77,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--no-crop-check", dest="crop_check", action="store_false",
                    help="skip running the classifier on every cell's 227x227 crop")
-    p.add_argument("--widths", type=int, nargs=7, default=list(CAFFENET_WIDTHS),
+    p.add_argument("--widths", type=int, nargs=7, default=None,
                    help=argparse.SUPPRESS)  # narrow random CaffeNets for tests
 
 
@@ -84,7 +91,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
     cfg = DemoConfig(out=args.out, weights=args.weights, image=args.image,
                      class_index=args.class_index, size=args.size, seed=args.seed,
-                     widths=tuple(args.widths), crop_check=args.crop_check)
+                     widths=tuple(args.widths) if args.widths else None,
+                     crop_check=args.crop_check)
     try:
         demo(cfg)
     except DemoError as e:
@@ -186,6 +194,8 @@ def caffenet_params(cfg: DemoConfig, emit: Callable[[str], None]) -> tuple[Any, 
     import jax
     import jax.numpy as jnp
 
+    from .caffenet import CaffeNet, caffenet_prototxt
+
     if cfg.weights:
         stored = converters.load_caffemodel(cfg.weights)
         missing = [k for k in ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7",
@@ -197,13 +207,14 @@ def caffenet_params(cfg: DemoConfig, emit: Callable[[str], None]) -> tuple[Any, 
             widths=_widths(stored), num_classes=int(np.shape(stored["fc8"]["weight"])[0]),
             input_shape=(1, 3, 227, 227)))
         _, params = converters.load_caffe(net, stored)
-        emit(f"CaffeNet weights: {cfg.weights}")
+        emit(_weights_note(cfg))
         return net, params
-    net = converters.parse_prototxt(caffenet_prototxt(widths=cfg.widths,
+    widths = cfg.caffenet_widths()
+    net = converters.parse_prototxt(caffenet_prototxt(widths=widths,
                                                       input_shape=(1, 3, 227, 227)))
     from .surgery import map_params
 
-    module = CaffeNet(widths=cfg.widths)
+    module = CaffeNet(widths=widths)
     variables = jax.jit(module.init)(jax.random.PRNGKey(cfg.seed),
                                      jnp.zeros((1, 3, 227, 227), jnp.float32))
     # CaffeNet's training fillers (std 0.01 / 0.005) make an untrained net's outputs flat;
@@ -214,10 +225,25 @@ def caffenet_params(cfg: DemoConfig, emit: Callable[[str], None]) -> tuple[Any, 
     params = map_params(params, lambda w: w / 64.0, lambda path: path == ("conv1", "weight"))
     params = map_params(params, lambda b: b * 0, lambda path: path[-1] == "bias")
     params = jax.tree_util.tree_map(np.asarray, params)
-    emit(f"CaffeNet weights: RANDOM -- fcn_jax.CaffeNet init (seed {cfg.seed}), weights "
-         "rescaled to He-normal variance and biases zeroed with surgery.map_params. No "
-         "--weights was given, so the maps below show the mechanics, not real predictions.")
+    emit(_weights_note(cfg))
     return net, params
+
+
+def _weights_note(cfg: DemoConfig) -> str:
+    """Where the CaffeNet weights come from, in one line."""
+    if cfg.weights:
+        return f"CaffeNet weights: {cfg.weights}"
+    return (f"CaffeNet weights: RANDOM -- fcn_jax.CaffeNet init (seed {cfg.seed}), weights "
+            "rescaled to He-normal variance and biases zeroed with surgery.map_params. No "
+            "--weights was given, so the maps below show the mechanics, not real predictions.")
+
+
+def _label(labels: Sequence[str] | Mapping[int, str], c: int) -> str:
+    """The name of class ``c``, or ``class c``."""
+    try:
+        return labels[c]
+    except (IndexError, KeyError):
+        return f"class {c}"
 
 
 def _he_rescale(w: Any) -> Any:
@@ -239,12 +265,22 @@ def demo(cfg: DemoConfig, emit: Callable[[str], None] | None = None) -> dict[str
     from .preprocess import caffe_transformer, deprocess, imagenet_mean_bgr, preprocess
 
     emit = emit or (lambda s: tqdm.write(s))
+    # every argument is checked (and the weights read) before any work or output
     if cfg.size < 227:
         raise DemoError(f"--size {cfg.size} is smaller than CaffeNet's 227x227 window")
-    os.makedirs(cfg.out, exist_ok=True)
+    for option, path in (("--weights", cfg.weights), ("--image", cfg.image)):
+        if path is not None and not os.path.isfile(path):
+            raise DemoError(f"{option} {path}: no such file")
     t0 = time.perf_counter()
-    summary: dict[str, Any] = {"weights": cfg.weights or f"random (seed {cfg.seed})"}
     rgb, gray, desc = load_images(cfg.image)
+    clf_net, clf_params = caffenet_params(cfg, lambda _: None)
+    n_classes = int(np.shape(clf_params["fc8"]["weight"])[0])
+    if not 0 <= cfg.class_index < n_classes:
+        raise DemoError(f"--class {cfg.class_index} is out of range: the net has {n_classes} "
+                        "classes")
+    labels = default_labels(n_classes, short=True) or CLASS_NAMES
+    os.makedirs(cfg.out, exist_ok=True)
+    summary: dict[str, Any] = {"weights": cfg.weights or f"random (seed {cfg.seed})"}
     emit(f"fcn-jax net surgery demo -- image: {desc}; output folder: {cfg.out}")
     if not cfg.weights:
         emit("NOTE: no --weights: CaffeNet is RANDOM (seeded); pass --weights "
@@ -254,12 +290,7 @@ def demo(cfg: DemoConfig, emit: Callable[[str], None] | None = None) -> dict[str
 
     steps = tqdm(total=5, desc="CaffeNet surgery", unit="step", leave=False, disable=None)
     emit("\n== 2. casting the CaffeNet classifier into a fully convolutional net ==")
-    steps.set_postfix_str("classifier weights")
-    clf_net, clf_params = caffenet_params(cfg, emit)
-    n_classes = int(np.shape(clf_params["fc8"]["weight"])[0])
-    if not 0 <= cfg.class_index < n_classes:
-        raise DemoError(f"--class {cfg.class_index} is out of range: the net has {n_classes} "
-                        "classes")
+    emit(_weights_note(cfg))
     steps.update()
     plan = fcn_net.fully_conv_plan(clf_net)
     for c in plan.casts:
@@ -311,7 +342,7 @@ def demo(cfg: DemoConfig, emit: Callable[[str], None] | None = None) -> dict[str
         emit("  " + " ".join(f"{int(c):4d}" for c in row))
     ci = cfg.class_index
     pmap = np.asarray(dense.class_probability_map(prob, ci))
-    name = CLASS_NAMES.get(ci, f"class {ci}")
+    name = _label(labels, ci)
     emit(f"P({ci} {name}): min {pmap.min():.3g}, max {pmap.max():.3g} "
          f"(uniform would be {1 / prob.shape[0]:.3g})")
     steps.update()
@@ -322,7 +353,7 @@ def demo(cfg: DemoConfig, emit: Callable[[str], None] | None = None) -> dict[str
                 path=os.path.join(cfg.out, f"03_prob_{ci}.png"))
     viz.overlay(shown, pmap, path=os.path.join(cfg.out, f"04_overlay_{ci}.png"),
                 title=f"P({ci} {name}) over the {cfg.size}x{cfg.size} input{tag}")
-    viz.classification_map_figure(shown, cmap, labels=CLASS_NAMES,
+    viz.classification_map_figure(shown, cmap, labels=labels,
                                   path=os.path.join(cfg.out, "05_classification_map.png"),
                                   title=f"argmax class{tag}")
     viz.filter_grid(np.asarray(loaded["conv1"]["weight"]),
@@ -351,6 +382,7 @@ def crop_check(clf_net: Any, clf_params: Mapping, x: np.ndarray, prob: np.ndarra
     from tqdm.auto import tqdm
 
     from . import dense, xla
+    from .caffenet import CaffeNet
 
     windows = dense.classifier_window(clf_net)
     crops = dense.cell_crops(x, windows)[0]  # (gh, gw, C, h, w)

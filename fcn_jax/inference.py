@@ -10,11 +10,17 @@ net gives for that batch. Behind it:
   rounded up to a multiple of ``spatial_step``) and the true sizes travel with it as traced
   integers; every layer masks the cells beyond them (zeros before a convolution, the lowest
   float before MAX pooling, Caffe's divisor for AVE pooling), so the cells inside equal the
-  unpadded forward and the result is cropped back to the net's output size. A stream of many
-  sizes compiles once per bucket, not once per size (``compile_count`` says how often it
-  compiled). ``stream`` pads partial batches to a power of two. Nets with a
+  unpadded forward and the result is cropped back to the net's output size. Nets with a
   layer that mixes spatial positions globally (``InnerProduct`` on a 4-D blob, ``Flatten``,
-  ``Reshape``...) get exact shapes instead (then each new size compiles);
+  ``Reshape``...) get exact spatial shapes instead;
+* **batch buckets, and reuse** (every entry point, by default): a batch runs in the smallest
+  shape already compiled that holds it (batch and sides at least its own, at most twice its
+  own bucket's volume); otherwise it compiles its own bucket, with its exact batch size the
+  first time that spatial bucket is seen and the next power of two after that. So calls with
+  batches of 3, 5, 6, 7 compile twice (3, then 8), a constant batch size compiles once, and
+  ``stream`` -- which batches consecutive images of any sizes together, padded to the
+  largest -- compiles about once per batch size it runs (12 random sizes in batches of 8:
+  twice). ``compile_count`` and ``compiled_shapes`` say what compiled;
 * **data parallel**: ``devices=`` (or ``mesh=``) shards the batch axis over a
   ``jax.sharding.Mesh`` with ``NamedSharding(mesh, P("batch"))`` and replicates the weights.
   On several hosts, call ``jax.distributed.initialize(coordinator_address, num_processes,
@@ -217,6 +223,7 @@ class CompiledForward:
             mesh = data_parallel_mesh(devices)
         self.mesh = mesh
         self._stats = _Stats()
+        self._run_shapes: set[tuple[int, ...]] = set()  # padded shapes run (compiled) so far
         self._forward = _forward(self.layers, self.input_name, self.outputs, self.dtype,
                                  check=_param_checker(params))
         prepared = prepare_params(self.layers, params, dtype=self.dtype)
@@ -255,13 +262,24 @@ class CompiledForward:
 
     def bucket(self, shape: tuple[int, ...], batch_size: int | None = None
                ) -> tuple[int, ...]:
-        """The padded (N, C, H, W) a batch of ``shape`` runs as: the batch rounded up to the
-        device count, or, for a ``stream`` of ``batch_size``, to a power of two; each
-        side rounded up to a multiple of ``spatial_step`` (nets that allow it)."""
+        """The padded (N, C, H, W) a batch of ``shape`` runs as now (see the module doc):
+        an already compiled shape that holds it at most twice over, else its own bucket --
+        each side rounded up to a multiple of ``spatial_step`` (nets that allow it), the
+        batch exact the first time that spatial bucket is seen, then the next power of two
+        (capped at ``batch_size`` for a ``stream``), rounded up to the device count."""
         n, c, h, w = shape
         devs = 1 if self.mesh is None else self.mesh.size
-        nb = -(-n // devs) * devs if batch_size is None else batch_bucket(n, devs, batch_size)
-        return (nb, c, spatial_bucket(h, self.spatial_step), spatial_bucket(w, self.spatial_step))
+        hb, wb = spatial_bucket(h, self.spatial_step), spatial_bucket(w, self.spatial_step)
+        exact = -(-n // devs) * devs
+        volume = exact * hb * wb
+        fits = [s for s in self._run_shapes if s[1] == c and s[0] >= exact and s[0] % devs == 0
+                and (s[2] >= hb and s[3] >= wb if self.spatial else s[2:] == (hb, wb))
+                and s[0] * s[2] * s[3] <= 2 * volume]
+        if fits:
+            return min(fits, key=lambda s: (s[0] * s[2] * s[3], s))
+        if not any(s[1:] == (c, hb, wb) for s in self._run_shapes):
+            return (exact, c, hb, wb)
+        return (batch_bucket(n, devs, batch_size), c, hb, wb)
 
     def __call__(self, x: Any) -> dict[str, np.ndarray]:
         x = np.asarray(x, np.float32)
@@ -274,7 +292,8 @@ class CompiledForward:
     def stream(self, images: Iterable[Any], batch_size: int = 8,
                progress: bool = False) -> Iterator[dict[str, np.ndarray]]:
         """Run (C, H, W) images of any sizes; yields ``{blob: array}`` (no batch axis) per
-        image, in order. Consecutive images of the same bucket share a batch."""
+        image, in order. Up to ``batch_size`` consecutive images share a batch, padded to
+        the largest (nets with exact shapes: consecutive images of the same size)."""
         from tqdm import tqdm
 
         bar = tqdm(disable=not progress, unit="img")
@@ -283,7 +302,7 @@ class CompiledForward:
         try:
             for img in images:
                 img = np.asarray(img, np.float32)
-                k = self.bucket((1,) + img.shape)[1:]  # (C, H, W) bucket
+                k = img.shape[:1] if self.spatial else img.shape  # what a batch must share
                 if group and (k != key or len(group) == batch_size):
                     yield from self._flush(group, batch_size)
                     bar.update(len(group))
@@ -311,6 +330,7 @@ class CompiledForward:
         if not self.spatial and len({tuple(s) for s in sizes}) > 1:
             raise ValueError("this net needs exact shapes: images in one batch must have "
                              "the same size")
+        self._run_shapes.add(tuple(shape))
         xb = np.zeros(shape, np.float32)
         for i, im in enumerate(images):
             xb[i, :, :im.shape[1], :im.shape[2]] = im

@@ -7,25 +7,30 @@ padded), runs the jit-compiled net batch by batch and writes results as it goes:
 ``OUT/results.jsonl``
     one JSON record per image, appended and fsynced after every batch (a journal):
     ``{"image", "top_k": [{"class", "score", "label"?}], "nonfinite"}``; in dense mode also
-    ``{"shard", "key", "shape"}`` pointing at the maps; ``{"image", "error"}`` for an image
-    that could not be read.
+    ``{"shard", "key", "shape"}`` pointing at the maps, and ``top_k`` ranks the classes by
+    their score averaged over the whole map; ``{"image", "error"}`` for an image that could
+    not be read.
 ``OUT/maps/NNNNNN.npz`` (dense mode)
     one archive per batch, written atomically *before* its records: ``KEY_argmax`` (H, W)
     class map, ``KEY_score`` (H, W) its score, and ``KEY_blob`` (C, H, W) with
     ``save_blob``.
 ``OUT/run.json``, ``OUT/summary.json``
-    the settings of the run, and counts, failures and throughput at the end (atomic).
+    everything that decides an output (:func:`run_fingerprint`: net and weights digests,
+    preprocessing, input size, dtype, output blob, dense/top_k/labels), and counts, failures
+    and throughput at the end (atomic).
 
 An interrupted run continues with ``resume=True``: images with a record (and, in dense mode,
 an existing shard) are skipped, a torn last line of the journal is dropped, failed images
-are tried again. Memory stays flat: nothing grows with the number of images processed
-except the list of names.
+are tried again. A resume whose fingerprint differs from ``run.json`` is refused, naming
+what changed, so one results file never mixes two nets, weights or preprocessings. Memory
+stays flat: nothing grows with the number of images processed except the list of names.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -54,21 +59,25 @@ MAX_PIXELS = _images.MAX_PIXELS
 @dataclasses.dataclass(frozen=True)
 class PredictConfig:
     """What to compute and write. ``top_k`` classes per image from ``blob`` (default: the
-    net's last blob); ``dense`` writes per-pixel class maps of a (N, C, H, W) blob."""
+    net's last blob; ``top_k`` None: 5, or all classes when fewer); ``dense`` writes
+    per-pixel class maps of a (N, C, H, W) blob and ranks classes by their mean score over
+    the map. ``labels`` name the classes (one per class); without them, a blob of 1000
+    classes is named with ImageNet's synset words unless ``imagenet_labels`` is False."""
 
     batch_size: int = 8
-    top_k: int = 5
+    top_k: int | None = None
     dense: bool = False
     blob: str | None = None
     save_blob: bool = False
     labels: tuple[str, ...] | None = None
     workers: int = 2
     max_pixels: int = MAX_PIXELS
+    imagenet_labels: bool = True
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
-        if self.top_k < 1:
+        if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k must be positive, got {self.top_k}")
         if self.workers < 1:
             raise ValueError(f"workers must be positive, got {self.workers}")
@@ -297,19 +306,24 @@ def _loaded_batches(images: Sequence[str], transformer, cfg: PredictConfig
 def run_predict(module, params, images: Sequence[str], out_dir: str | os.PathLike,
                 transformer, cfg: PredictConfig = PredictConfig(), *, resume: bool = False,
                 progress: bool = True, memory_budget: int | None = None,
-                on_batch: Callable[[int, PredictSummary], None] | None = None
+                on_batch: Callable[[int, PredictSummary], None] | None = None,
+                net_text: str | None = None, sources: Mapping[str, str] | None = None
                 ) -> PredictSummary:
     """Run the net over ``images`` and write results to ``out_dir`` (see the module doc).
 
     ``transformer``: a ``fcn_jax.preprocess.TransformerConfig`` whose ``input_shape`` is the
-    net input. Without ``resume``, an ``out_dir`` that already holds results is refused.
-    ``on_batch(n_batches_done, summary)`` is called after each batch is safely written.
+    net input. Without ``resume``, an ``out_dir`` that already holds results is refused; with
+    it, a run whose :func:`run_fingerprint` differs from the first run's is refused.
+    ``net_text``: the net's prototxt text (its digest identifies the net; default: a digest of
+    the layer graph); ``sources``: file names recorded in ``run.json`` for the reader, not
+    compared. ``on_batch(n_batches_done, summary)`` is called after each batch is written.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with _exclusive(out):
         return _run(module, params, images, out, transformer, cfg, resume=resume,
-                    progress=progress, memory_budget=memory_budget, on_batch=on_batch)
+                    progress=progress, memory_budget=memory_budget, on_batch=on_batch,
+                    net_text=net_text, sources=sources)
 
 
 @contextlib.contextmanager
@@ -330,17 +344,29 @@ def _exclusive(out: Path) -> Iterator[None]:
 
 def _run(module, params, images: Sequence[str], out: Path, transformer, cfg: PredictConfig,
          *, resume: bool, progress: bool, memory_budget: int | None,
-         on_batch: Callable[[int, PredictSummary], None] | None) -> PredictSummary:
+         on_batch: Callable[[int, PredictSummary], None] | None, net_text: str | None,
+         sources: Mapping[str, str] | None) -> PredictSummary:
     from tqdm import tqdm
 
     journal_path = out / JOURNAL
-    settings = _settings(module, transformer, cfg)
     if journal_path.exists() and journal_path.stat().st_size and not resume:
         raise FileExistsError(f"{journal_path} exists: pass --resume to continue that run, "
                               "or choose another --out")
-    if resume and (out / "run.json").exists():
-        _check_same_settings(out / "run.json", settings)
-    atomic_write_bytes(out / "run.json", (json.dumps(settings, indent=2) + "\n").encode())
+    c, h, w = transformer.input_shape
+    batch_shape = (cfg.batch_size, c, h, w)
+    shapes = check_activation_budget(module, params, batch_shape, memory_budget=memory_budget)
+    blob = cfg.blob or _last_blob(module, shapes)
+    if blob not in shapes:
+        raise CaffeFormatError(f"the net has no blob {blob!r} (it has {list(shapes)})",
+                               field="blob")
+    _check_blob_shape(blob, shapes[blob], cfg)
+    cfg = _resolve_classes(cfg, blob, int(shapes[blob][1]))
+    settings = run_fingerprint(module, params, transformer, cfg, blob=blob, net_text=net_text)
+    if resume:
+        _check_same_settings(out / "run.json", settings,
+                             has_results=journal_path.exists() and journal_path.stat().st_size)
+    record = dict(settings, sources=dict(sources or {}))
+    atomic_write_bytes(out / "run.json", (json.dumps(record, indent=2) + "\n").encode())
 
     done = finished_images(out, cfg.dense) if resume else set()
     todo = [p for p in images if os.path.normpath(p) not in done]
@@ -354,14 +380,6 @@ def _run(module, params, images: Sequence[str], out: Path, transformer, cfg: Pre
         _write_summary(out, summary)
         return summary
 
-    c, h, w = transformer.input_shape
-    batch_shape = (cfg.batch_size, c, h, w)
-    shapes = check_activation_budget(module, params, batch_shape, memory_budget=memory_budget)
-    blob = cfg.blob or _last_blob(module, shapes)
-    if blob not in shapes:
-        raise CaffeFormatError(f"the net has no blob {blob!r} (it has {list(shapes)})",
-                               field="blob")
-    _check_blob_shape(blob, shapes[blob], cfg)
     forward = _forward(module, params, (blob,))
 
     maps_dir = out / "maps"
@@ -464,23 +482,136 @@ def _next_shard(maps_dir: Path) -> int:
     return max(numbers, default=-1) + 1
 
 
-def _settings(module, transformer, cfg: PredictConfig) -> dict[str, Any]:
-    return {"dense": cfg.dense, "blob": cfg.blob, "top_k": cfg.top_k,
-            "input_shape": list(transformer.input_shape), "net": getattr(module, "name_", None)}
+def _resolve_classes(cfg: PredictConfig, blob: str, classes: int) -> PredictConfig:
+    """``cfg`` with its effective ``top_k`` and ``labels`` for a blob of ``classes`` classes;
+    refuses a ``top_k`` above the class count and labels for fewer classes."""
+    top = cfg.top_k
+    if top is None:
+        top = min(5, classes)
+    elif top > classes:
+        raise CaffeFormatError(f"--top-k {top} is more than the {classes} classes of blob "
+                               f"{blob!r}", field="top_k")
+    labels = cfg.labels
+    if labels is not None:
+        if len(labels) < classes:
+            raise CaffeFormatError(f"--labels has {len(labels)} lines but blob {blob!r} has "
+                                   f"{classes} classes (one name per class, in class order)",
+                                   field="labels")
+        if len(labels) > classes:
+            print(f"warning: --labels has {len(labels)} lines, blob {blob!r} has {classes} "
+                  f"classes: the last {len(labels) - classes} names are unused",
+                  file=sys.stderr)
+    elif cfg.imagenet_labels:
+        from .assets import default_labels
+
+        found = default_labels(classes)
+        labels = tuple(found) if found is not None else None
+    return dataclasses.replace(cfg, top_k=top, labels=labels)
 
 
-def _check_same_settings(path: Path, settings: dict[str, Any]) -> None:
+def _digest(chunks: Iterable[bytes]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for c in chunks:
+        h.update(c)
+    return "blake2b:" + h.hexdigest()
+
+
+def weights_digest(params: Mapping[str, Mapping[str, Any]]) -> str:
+    """A digest of a params tree: every layer, blob name, dtype, shape and value."""
+    def chunks() -> Iterator[bytes]:
+        for layer in sorted(params):
+            for name in sorted(params[layer]):
+                a = np.ascontiguousarray(np.asarray(params[layer][name]))
+                yield f"{layer}/{name}:{a.dtype.str}:{a.shape};".encode()
+                yield a.tobytes()
+    return _digest(chunks())
+
+
+def net_digest(module, net_text: str | None = None) -> str:
+    """A digest of the net: of its prototxt text when given, else of its layer graph
+    (names, types, bottoms and tops)."""
+    if net_text is not None:
+        return _digest([net_text.encode()])
+    try:
+        from .inference import module_layers
+
+        graph = [[s.name, s.type, list(s.bottoms), list(s.tops)]
+                 for s in module_layers(module)]
+    except (TypeError, AttributeError):
+        graph = [type(module).__name__, repr(module)]
+    return _digest([json.dumps(graph).encode()])
+
+
+def _plain(v: Any) -> Any:
+    """A JSON value for a preprocessing setting (arrays as lists, big ones as a digest)."""
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    a = np.asarray(v)
+    if a.size <= 16:
+        return [float(x) for x in a.ravel()] if a.dtype.kind == "f" else a.tolist()
+    return {"shape": list(a.shape), "digest": _digest([a.astype(np.float64).tobytes()])}
+
+
+def run_fingerprint(module, params, transformer, cfg: PredictConfig, *, blob: str,
+                    net_text: str | None = None, dtype: str = "float32") -> dict[str, Any]:
+    """Everything that decides a run's outputs, as recorded in ``OUT/run.json`` and compared
+    on ``--resume``: net and weights digests, preprocessing (input size included), dtype,
+    output blob, mode, ``top_k`` and labels."""
+    pre = {f: _plain(getattr(transformer, f, None))
+           for f in ("input_shape", "transpose", "channel_swap", "raw_scale", "mean",
+                     "input_scale")}
+    return {
+        "net": getattr(module, "name_", None),
+        "net_digest": net_digest(module, net_text),
+        "weights_digest": weights_digest(params),
+        "input_shape": list(transformer.input_shape),
+        "preprocessing": pre,
+        "dtype": dtype,
+        "blob": blob,
+        "dense": cfg.dense,
+        "save_blob": cfg.save_blob,
+        "top_k": cfg.top_k,
+        "labels_digest": (None if cfg.labels is None
+                          else _digest(["\n".join(cfg.labels).encode()])),
+    }
+
+
+def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping) and k == "preprocessing":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _check_same_settings(path: Path, settings: dict[str, Any], has_results: bool = True
+                         ) -> None:
+    """Refuse a resume whose settings differ from ``run.json``'s, naming each change."""
     try:
         before = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except FileNotFoundError:
+        if has_results:
+            raise CaffeFormatError("--resume: the results have no run.json to check the "
+                                   "settings against; use another --out", path=path) from None
         return
-    changed = [k for k in ("dense", "blob", "top_k", "input_shape")
-               if k in before and before[k] != settings[k]]
+    except (OSError, ValueError) as e:
+        raise CaffeFormatError(f"--resume: cannot read the first run's settings ({e}); use "
+                               "another --out", path=path) from None
+    if not isinstance(before, dict):
+        raise CaffeFormatError("--resume: not a settings object; use another --out", path=path)
+    old, new = _flat(before), _flat(settings)
+    missing = object()
+    changed = [k for k in new if old.get(k, missing) != new[k]]
     if changed:
+        def show(v: Any) -> str:
+            return "(not recorded)" if v is missing else repr(v)
+
         raise CaffeFormatError(
             "--resume with different settings than the first run: "
-            + ", ".join(f"{k} {before[k]!r} -> {settings[k]!r}" for k in changed),
-            path=path)
+            + ", ".join(f"{k} {show(old.get(k, missing))} -> {show(new[k])}" for k in changed)
+            + " (use another --out, or the first run's settings)", path=path)
 
 
 def _write_summary(out: Path, summary: PredictSummary) -> None:
@@ -489,5 +620,5 @@ def _write_summary(out: Path, summary: PredictSummary) -> None:
 
 
 __all__ = ["IMAGE_EXTENSIONS", "PredictConfig", "PredictSummary", "check_activation_budget",
-           "class_map", "finished_images", "list_images", "load_and_preprocess",
-           "read_journal", "run_predict", "top_k"]
+           "class_map", "finished_images", "list_images", "load_and_preprocess", "net_digest",
+           "read_journal", "run_fingerprint", "run_predict", "top_k", "weights_digest"]

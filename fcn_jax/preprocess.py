@@ -23,14 +23,17 @@ Differences from pycaffe, all deliberate:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 __all__ = [
+    "Transformer",
     "TransformerConfig",
     "caffe_transformer",
     "deprocess",
@@ -298,6 +301,64 @@ def deprocess(cfg: TransformerConfig, blob: np.ndarray) -> np.ndarray:
     if cfg.transpose is not None:
         x = x.transpose(np.argsort(cfg.transpose))
     return np.ascontiguousarray(x)
+
+
+class Transformer:
+    """pycaffe's ``caffe.io.Transformer``, for code written against it: ``set_*`` calls per
+    input, then ``preprocess(name, image)`` / ``deprocess(name, blob)``.
+
+    Each call replaces that input's frozen :class:`TransformerConfig` (``config(name)``), which
+    the pure :func:`preprocess` / :func:`deprocess` run; as in pycaffe, nothing is set at
+    first (no transpose, no swap, no scaling, no mean)::
+
+        tf = Transformer({"data": (1, 3, 227, 227)})
+        tf.set_transpose("data", (2, 0, 1))
+        tf.set_channel_swap("data", (2, 1, 0))
+        tf.set_raw_scale("data", 255.0)
+        tf.set_mean("data", imagenet_mean_bgr())
+        x = tf.preprocess("data", load_image("cat.jpg"))   # (3, 227, 227) float32
+    """
+
+    def __init__(self, inputs: Mapping[str, Sequence[int]]) -> None:
+        self.inputs = {k: tuple(int(d) for d in v) for k, v in inputs.items()}
+        self._cfg = {k: TransformerConfig(v, transpose=None) for k, v in self.inputs.items()}
+
+    def config(self, name: str) -> TransformerConfig:
+        """The frozen settings of input ``name``."""
+        if name not in self._cfg:
+            raise KeyError(f"{name} is not one of the net's inputs {sorted(self._cfg)}")
+        return self._cfg[name]
+
+    def _set(self, name: str, **change: Any) -> None:
+        self._cfg[name] = dataclasses.replace(self.config(name), **change)
+
+    def set_transpose(self, name: str, order: Sequence[int]) -> None:
+        """Axis order of the image (H x W x K) in the blob, e.g. ``(2, 0, 1)``."""
+        self._set(name, transpose=tuple(order))
+
+    def set_channel_swap(self, name: str, order: Sequence[int]) -> None:
+        """Channel order after the transpose, e.g. ``(2, 1, 0)`` for RGB -> BGR."""
+        self._set(name, channel_swap=tuple(order))
+
+    def set_raw_scale(self, name: str, scale: float) -> None:
+        """Multiply [0, 1] pixels by ``scale`` (255 for ImageNet models)."""
+        self._set(name, raw_scale=float(scale))
+
+    def set_mean(self, name: str, mean: Any) -> None:
+        """Subtract a per-channel ``(C,)`` mean or a ``(C, H, W)`` mean image."""
+        self._set(name, mean=np.asarray(mean))
+
+    def set_input_scale(self, name: str, scale: float) -> None:
+        """Multiply the mean-subtracted blob by ``scale``."""
+        self._set(name, input_scale=float(scale))
+
+    def preprocess(self, name: str, image: np.ndarray) -> np.ndarray:
+        """An ``H x W x K`` image as input ``name``'s float32 ``(C, H, W)`` blob."""
+        return preprocess(self.config(name), image)
+
+    def deprocess(self, name: str, blob: np.ndarray) -> np.ndarray:
+        """A ``(C, H, W)`` blob of input ``name`` back to an ``H x W x C`` image."""
+        return deprocess(self.config(name), blob)
 
 
 def imagenet_mean_bgr() -> np.ndarray:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -213,17 +214,22 @@ class TransplantReport:
 
     ``copied``: (src layer, dst layer, blob) of equal shape; ``coerced``: (src, dst, blob,
     src shape, dst shape) of equal size, reshaped in row-major order; ``dropped``: (src layer,
-    blob or "*", reason); ``untouched``: dst layers that received nothing.
+    blob or "*", reason); ``untouched``: dst layers that received nothing; ``renamed``: (src,
+    dst) pairs matched by the ``-conv`` naming of ``fully_convolutional_net`` (``fc6`` ->
+    ``fc6-conv`` or back) because the destination had no layer of the source's name.
     """
 
     copied: tuple[tuple[str, str, str], ...] = ()
     coerced: tuple[tuple[str, str, str, Shape, Shape], ...] = ()
     dropped: tuple[tuple[str, str, str], ...] = ()
     untouched: tuple[str, ...] = ()
+    renamed: tuple[tuple[str, str], ...] = ()
 
     def lines(self) -> list[str]:
         """FCN-style lines: ``copying``, ``coercing ... from ... to ...``, ``dropping``."""
-        out = [f"copying {s} -> {d} {b}" for s, d, b in self.copied]
+        out = [f"renaming {s} -> {d} (fully_convolutional_net's {IMPLIED_SUFFIX!r} naming, "
+               "same sizes)" for s, d in self.renamed]
+        out += [f"copying {s} -> {d} {b}" for s, d, b in self.copied]
         out += [f"coercing {s} -> {d} {b} from {fs} to {ts}" for s, d, b, fs, ts in self.coerced]
         out += [f"dropping {s} {b}: {why}" for s, b, why in self.dropped]
         out += [f"keeping {d} (nothing transplanted)" for d in self.untouched]
@@ -233,9 +239,15 @@ class TransplantReport:
         return "\n".join(self.lines())
 
 
+#: The suffix ``converters.fcn.fully_convolutional_net`` gives cast layers; ``transplant``
+#: follows it when the destination lacks a source layer's name.
+IMPLIED_SUFFIX = "-conv"
+
+
 def transplant(dst: Params, src: Params,
                rename: Mapping[str, str] | Callable[[str], str] | None = None,
-               suffix: str = "") -> tuple[dict, TransplantReport]:
+               suffix: str = "", *, implied_renames: bool = True
+               ) -> tuple[dict, TransplantReport]:
     """Copy ``src`` params into ``dst`` by layer and blob name (FCN's ``surgery.transplant``).
 
     Source layer ``p`` goes to ``rename(p)`` (a mapping, default the same name) followed by
@@ -243,6 +255,13 @@ def transplant(dst: Params, src: Params,
     coerced (row-major reshape, as ``new.flat = old.flat``: ``fc6 (4096, 9216)`` ->
     ``fc6-conv (4096, 256, 6, 6)``); of another size dropped (FCN would silently cycle or
     truncate them), as are layers and blobs ``dst`` lacks. Returns ``(new_params, report)``.
+
+    A source layer whose target is not in ``dst`` goes to the target's ``-conv`` form (or,
+    from an FCN, the name without ``-conv``) when ``dst`` has that layer, nothing else feeds
+    it and every blob has the same element count: so ``transplant(fcn_params, clf_params)``
+    is the tutorial's fc -> fc-conv transplant (``implied_renames=False`` turns this off).
+    A destination layer left without weights while a source layer went nowhere is warned
+    about (``UserWarning``): pass ``rename=`` for such layers.
     """
     def target(name: str) -> str:
         if rename is None:
@@ -255,8 +274,10 @@ def transplant(dst: Params, src: Params,
 
     out = {k: dict(v) for k, v in dst.items()}
     copied, coerced, dropped, written = [], [], [], set()
+    targets = {layer: target(layer) for layer in src}
+    renamed = _implied_renames(dst, src, targets) if implied_renames else {}
     for layer, blobs in src.items():
-        to = target(layer)
+        to = renamed.get(layer, targets[layer])
         if to not in out:
             dropped.append((layer, "*", f"no layer {to!r} in the destination"))
             continue
@@ -277,7 +298,37 @@ def transplant(dst: Params, src: Params,
                 continue
             written.add(to)
     untouched = tuple(k for k in out if k not in written)
-    return out, TransplantReport(tuple(copied), tuple(coerced), tuple(dropped), untouched)
+    lost = [s for s, b, _ in dropped if b == "*"]
+    if untouched and lost:
+        warnings.warn(f"transplant: destination layers {list(untouched)} received nothing "
+                      f"while source layers {lost} matched no destination layer; pass "
+                      "rename={source: destination} for them", UserWarning, stacklevel=2)
+    return out, TransplantReport(tuple(copied), tuple(coerced), tuple(dropped), untouched,
+                                 tuple(renamed.items()))
+
+
+def _implied_renames(dst: Params, src: Params, targets: Mapping[str, str]) -> dict[str, str]:
+    """Source layers whose target is missing from ``dst`` but whose ``-conv`` form (or the
+    form without ``-conv``) is there, unclaimed, with the same blob names and sizes."""
+    claimed = {t for t in targets.values() if t in dst}
+    found: dict[str, str] = {}
+    for layer, to in targets.items():
+        if to in dst:
+            continue
+        options = [to + IMPLIED_SUFFIX]
+        if to.endswith(IMPLIED_SUFFIX):
+            options.append(to[:-len(IMPLIED_SUFFIX)])
+        for cand in options:
+            if cand not in dst or cand in claimed:
+                continue
+            blobs, there = src[layer], dst[cand]
+            if set(blobs) == set(there) and all(
+                    math.prod(np.shape(blobs[b])) == math.prod(np.shape(there[b]))
+                    for b in blobs):
+                found[layer] = cand
+                claimed.add(cand)
+                break
+    return found
 
 
 # ----------------------------------------------------------------------------- upsampling

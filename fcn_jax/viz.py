@@ -27,6 +27,7 @@ from fcn_jax.io_utils import atomic_savefig
 
 __all__ = [
     "before_after_heatmaps",
+    "class_colors",
     "classification_map_figure",
     "filter_grid",
     "heatmap",
@@ -249,7 +250,8 @@ def classification_map_figure(
 
     ``class_map`` is an integer ``H x W`` map, or ``(K, H, W)`` scores whose
     argmax over K is taken.  Only the classes present get a color and a legend
-    entry (named by ``labels[c]`` when given).  Colors are tied to the class id.
+    entry (named by ``labels[c]`` when given, e.g. ``fcn_jax.imagenet_labels()``); the
+    colors of the classes shown are pairwise distinct (:func:`class_colors`).
     """
     cm = np.asarray(class_map)
     while cm.ndim > 3 and cm.shape[0] == 1:
@@ -260,7 +262,7 @@ def classification_map_figure(
         raise ValueError(f"class_map must be H x W or (K, H, W), got shape {np.shape(class_map)}")
     cm = cm.astype(np.int64)
     present = np.unique(cm)
-    palette = _class_colors(present)
+    palette = class_colors(len(present))
     index = np.searchsorted(present, cm)
     cmap = ListedColormap(palette)
     norm = BoundaryNorm(np.arange(len(present) + 1) - 0.5, len(present))
@@ -294,11 +296,27 @@ def classification_map_figure(
     return _finish(fig, path)
 
 
-def _class_colors(classes: np.ndarray) -> list[tuple[float, float, float, float]]:
+def class_colors(n: int) -> list[tuple[float, float, float, float]]:
+    """``n`` pairwise distinct RGBA colors for the classes of one map, in legend order:
+    matplotlib's ``tab10``/``tab20`` for up to 20 classes, beyond that hues spread by the
+    golden angle at three lightness levels (distinct by construction, not by class id mod a
+    palette size, which gave classes 54 and 314 one color)."""
+    import colorsys
+
     from matplotlib import colormaps
 
-    base = colormaps["tab20"]
-    return [tuple(base(int(c) % 20)) for c in classes]
+    if n <= 10:
+        return [tuple(colormaps["tab10"](k)) for k in range(n)]
+    if n <= 20:
+        # tab20 lists each hue dark then light: all 10 dark hues first, then the light ones
+        order = [2 * k for k in range(10)] + [2 * k + 1 for k in range(10)]
+        return [tuple(colormaps["tab20"](order[k])) for k in range(n)]
+    out = []
+    for k in range(n):
+        hue = (k * 0.618033988749895) % 1.0
+        light, sat = (0.45, 0.6, 0.32)[k % 3], (0.75, 0.6, 0.9)[k % 3]
+        out.append((*colorsys.hls_to_rgb(hue, light, sat), 1.0))
+    return out
 
 
 # --------------------------------------------------------------------------- training

@@ -247,3 +247,46 @@ def test_use_fast_cpu_flags_only_before_jax_starts():
     # the user's own setting of a flag wins; the other flag is added
     assert flags == ["--xla_cpu_use_xnnpack=true",
                      "--xla_cpu_experimental_ynn_fusion_type=individual_dot"]
+
+
+SMALL_FCN = """
+input: "data"  input_shape { dim: 1 dim: 3 dim: 32 dim: 32 }
+layer { name: "c1" type: "Convolution" bottom: "data" top: "c1"
+  convolution_param { num_output: 4 kernel_size: 3 stride: 2 } }
+layer { name: "r1" type: "ReLU" bottom: "c1" top: "c1" }
+layer { name: "p1" type: "Pooling" bottom: "c1" top: "p1"
+  pooling_param { pool: MAX kernel_size: 3 stride: 2 } }
+layer { name: "score" type: "Convolution" bottom: "p1" top: "score"
+  convolution_param { num_output: 5 kernel_size: 1 } }
+layer { name: "prob" type: "Softmax" bottom: "score" top: "prob" }
+"""
+
+
+def test_default_buckets_keep_compiles_few_on_every_entry_point():
+    """Issue 13: batches of 3, 5, 6, 7 compiled four times and a stream of 12 random sizes
+    eleven times. Now: twice each (README: 'Jit without surprises'), results unchanged."""
+    rng = np.random.default_rng(0)
+    params = {"c1": {"weight": rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
+                     "bias": rng.standard_normal(4).astype(np.float32)},
+              "score": {"weight": rng.standard_normal((5, 4, 1, 1)).astype(np.float32),
+                        "bias": rng.standard_normal(5).astype(np.float32)}}
+    module, _ = converters.load_caffe(converters.parse_prototxt(SMALL_FCN), params)
+    direct = jax.jit(lambda x: module.apply({"params": params}, x, outputs=("prob",))["prob"])
+
+    fwd = compile_forward(module, params, outputs=("prob",))
+    for n in (3, 5, 6, 7):
+        x = rng.standard_normal((n, 3, 40, 36)).astype(np.float32)
+        got = fwd(x)["prob"]
+        np.testing.assert_allclose(got, direct(x), rtol=0, atol=2e-6)
+    assert fwd.compile_count == 2
+    assert fwd.compiled_shapes == [(3, 3, 64, 64), (8, 3, 64, 64)]
+
+    sizes = [(int(rng.integers(20, 100)), int(rng.integers(20, 100))) for _ in range(12)]
+    images = [rng.standard_normal((3, h, w)).astype(np.float32) for h, w in sizes]
+    stream = compile_forward(module, params, outputs=("prob",))
+    got = list(stream.stream(images))  # batch_size 8: batches of 8 and 4
+    assert len(set(sizes)) == 12 and stream.compile_count <= 2  # here 1: the 4 reuse the 8
+    for img, g in zip(images, got, strict=True):
+        want = np.asarray(direct(img[None])[0])
+        assert g["prob"].shape == want.shape
+        np.testing.assert_allclose(g["prob"], want, rtol=0, atol=2e-6)

@@ -422,3 +422,67 @@ def test_a_fifo_named_png_in_dir_is_skipped_without_blocking(tmp_path, classifie
     assert "imageio" not in err and "pip install" not in err
     recs = {r["image"]: r for r in _records(tmp_path / "out")}
     assert all("top_k" in recs[g] for g in good) and len(recs) == 5
+
+
+def test_resume_refuses_other_weights_or_preprocessing_naming_the_change(tmp_path, classifier,
+                                                                         capsys):
+    from fcn_jax.cli import main
+
+    proto, model, _ = classifier
+    _images(tmp_path / "imgs", 2)
+    out = tmp_path / "out"
+    argv = ["predict", str(proto), str(model), "--dir", str(tmp_path / "imgs"), "--out",
+            str(out), "--no-progress"]
+    assert main(argv) == 0
+    journal = (out / P.JOURNAL).read_bytes()
+    run = json.loads((out / "run.json").read_text())
+    assert {"net_digest", "weights_digest", "preprocessing", "dtype", "blob", "top_k",
+            "input_shape"} <= set(run)
+    assert run["preprocessing"]["channel_swap"] == [2, 1, 0]
+    other = tmp_path / "other"
+    other.mkdir()
+    _, model2, _ = _model(other, CLASSIFIER, {"fc": {"weight": (6, 3), "bias": (6,)}}, seed=5)
+    capsys.readouterr()
+    assert main(["predict", str(proto), str(model2)] + argv[3:] + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "run.json: --resume with different settings" in err and "weights_digest" in err
+    assert "preprocessing" not in err
+    assert main(argv + ["--resume", "--mean", "none", "--no-channel-swap"]) == 2
+    err = capsys.readouterr().err
+    assert "preprocessing.mean" in err and "preprocessing.channel_swap [2, 1, 0] -> None" in err
+    assert "weights_digest" not in err
+    assert main(argv + ["--resume", "--input-size", "14", "10"]) == 2
+    assert "input_shape [3, 12, 10] -> [3, 14, 10]" in capsys.readouterr().err
+    assert (out / P.JOURNAL).read_bytes() == journal  # nothing was appended
+    assert main(argv + ["--resume"]) == 0  # the same settings still resume
+
+
+def test_labels_and_top_k_must_fit_the_classes(tmp_path, classifier, capsys):
+    from fcn_jax.cli import main
+
+    proto, model, _ = classifier
+    _images(tmp_path / "imgs", 1)
+    base = ["predict", str(proto), str(model), "--dir", str(tmp_path / "imgs"),
+            "--no-progress"]
+    labels = tmp_path / "labels.txt"
+    labels.write_text("a\nb\nc\n")
+    assert main(base + ["--out", str(tmp_path / "o1"), "--labels", str(labels)]) == 2
+    assert "--labels has 3 lines but blob 'prob' has 6 classes" in capsys.readouterr().err
+    assert main(base + ["--out", str(tmp_path / "o2"), "--top-k", "7"]) == 2
+    assert "--top-k 7 is more than the 6 classes of blob 'prob'" in capsys.readouterr().err
+    assert main(base + ["--out", str(tmp_path / "o3"), "--top-k", "6"]) == 0
+
+
+def test_a_1000_class_net_is_named_with_imagenet_words(tmp_path):
+    from fcn_jax.assets import imagenet_labels
+
+    text = CLASSIFIER.replace("num_output: 6", "num_output: 1000")
+    proto, model, params = _model(tmp_path, text, {"fc": {"weight": (1000, 3), "bias": (1000,)}})
+    module, p = converters.load_caffe(proto, model)
+    images = _images(tmp_path / "imgs", 1)
+    P.run_predict(module, p, images, tmp_path / "out", _transformer((3, 12, 10)),
+                  P.PredictConfig(top_k=3), progress=False)
+    rec = _records(tmp_path / "out")[0]
+    names = imagenet_labels()
+    assert len(names) == 1000 and names[281] == "tabby, tabby cat"
+    assert [t["label"] for t in rec["top_k"]] == [names[t["class"]] for t in rec["top_k"]]

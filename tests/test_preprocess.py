@@ -449,3 +449,24 @@ def test_atomic_savefig_png(tmp_path):
     assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     io_utils.atomic_savefig(fig, tmp_path / "f.svg")
     assert b"<svg" in (tmp_path / "f.svg").read_bytes()[:500]
+
+
+def test_pycaffe_style_transformer_matches_pycaffe(cat, ref):
+    """``preprocess.Transformer`` (the README's name) with the tutorial's set_* calls."""
+    from fcn_jax.preprocess import Transformer
+
+    tf = Transformer({"data": (1, 3, 451, 451)})
+    assert tf.config("data").transpose is None and tf.config("data").mean is None  # as pycaffe
+    tf.set_transpose("data", (2, 0, 1))
+    tf.set_channel_swap("data", (2, 1, 0))
+    tf.set_raw_scale("data", 255.0)
+    tf.set_mean("data", ref["mean_bgr"])
+    blob = tf.preprocess("data", cat)
+    assert blob.shape == (3, 451, 451)
+    assert _max_rel_err(blob[:, ::4, ::4], ref["preprocess_451_s4"]) <= 1e-4
+    assert _max_rel_err(tf.deprocess("data", blob)[::4, ::4], ref["deprocess_451_s4"]) <= 1e-4
+    want = caffe_transformer((3, 451, 451), mean=ref["mean_bgr"])
+    for field in ("input_shape", "transpose", "channel_swap", "raw_scale", "input_scale"):
+        assert getattr(tf.config("data"), field) == getattr(want, field), field
+    with pytest.raises(KeyError, match="not one of the net's inputs"):
+        tf.preprocess("label", cat)

@@ -175,7 +175,8 @@ def test_transplant_reports_copy_coerce_drop():
            "fc-conv": {"weight": np.zeros((3, 4, 1, 1), np.float32)},
            "odd": {"weight": np.zeros(4, np.float32)},
            "new": {"weight": np.full(2, 7, np.float32)}}
-    out, rep = S.transplant(dst, src, rename={"fc": "fc-conv"})
+    with pytest.warns(UserWarning, match=r"\['odd', 'new'\] received nothing.*\['gone'\]"):
+        out, rep = S.transplant(dst, src, rename={"fc": "fc-conv"})
     np.testing.assert_array_equal(out["conv1"]["weight"], src["conv1"]["weight"])
     np.testing.assert_array_equal(np.asarray(out["fc-conv"]["weight"]).ravel(), np.arange(12))
     np.testing.assert_array_equal(out["odd"]["weight"], np.zeros(4))
@@ -206,6 +207,39 @@ def test_transplant_into_full_conv_equals_fc_to_conv():
     out, rep = S.transplant(fresh, params, rename=plan.renames)
     assert not rep.dropped and not rep.untouched and len(rep.coerced) == 3
     assert _tree_equal(out, S.fc_to_conv(params, net))
+
+
+def test_transplant_classifier_into_its_fcn_as_the_readme_shows():
+    """README: ``new, report = surgery.transplant(dst_params, src_params)`` with the FCN's
+    filler params and the classifier's weights. It used to drop fc6..fc8 (all-zero class
+    map); the ``-conv`` renames are now implied, giving fc_to_conv's params and Caffe's map."""
+    import json
+    import warnings
+
+    mini = DATA / "caffenet_mini"
+    deploy = mini / "caffenet_mini_deploy.prototxt"
+    src = _mini_params()
+    module, dst = converters.load_caffe(mini / "caffenet_mini_full_conv.prototxt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing left to warn about
+        new, report = S.transplant(dst, src)
+    assert report.renamed == (("fc6", "fc6-conv"), ("fc7", "fc7-conv"), ("fc8", "fc8-conv"))
+    assert not report.dropped and not report.untouched
+    assert "renaming fc6 -> fc6-conv" in str(report)
+    assert _tree_equal(new, S.fc_to_conv(src, deploy))
+    x = np.load(mini / "caffenet_mini_full_conv_blobs.npz")["data"]
+    prob = np.asarray(jax.jit(module.apply)({"params": new}, x)["prob"][0])
+    cmap = prob.argmax(0)
+    assert prob.max() > 10 / 1000  # not the flat softmax of all-zero fc weights
+    assert cmap.tolist() == json.loads((mini / "caffenet_mini_info.json").read_text())[
+        "classification_map"]
+    # back from the FCN into the classifier, and the opt-out
+    _, clf_fresh = converters.load_caffe(deploy)
+    back, rep = S.transplant(clf_fresh, new)
+    assert rep.renamed[0] == ("fc6-conv", "fc6") and _tree_equal(back, src)
+    with pytest.warns(UserWarning, match=r"received nothing.*\['fc6', 'fc7', 'fc8'\]"):
+        _, rep = S.transplant(dst, src, implied_renames=False)
+    assert rep.untouched == ("fc6-conv", "fc7-conv", "fc8-conv")
 
 
 # ----------------------------------------------------------------------------- upsampling

@@ -119,3 +119,22 @@ def test_no_path_writes_nothing(tmp_path, monkeypatch):
     fig = viz.heatmap(PROB)
     assert list(tmp_path.iterdir()) == []
     plt.close(fig)
+
+
+def test_classification_map_legend_colors_are_distinct_and_named(tmp_path):
+    """Classes 54/314, 186/626 and 615/875 shared a color (id mod 20); now every class shown
+    has its own, and ImageNet names label them."""
+    import fcn_jax
+
+    names = fcn_jax.imagenet_labels(short=True)
+    classes = [54, 314, 186, 626, 615, 875, 281]
+    class_map = np.array(classes * 6).reshape(6, 7)
+    fig = viz.classification_map_figure(IMAGE, class_map, labels=names)
+    legend = fig.axes[1].get_legend()
+    colors = [tuple(np.round(h.get_facecolor(), 6)) for h in legend.legend_handles]
+    assert len(set(colors)) == len(classes)
+    assert "281: tabby" in [t.get_text() for t in legend.get_texts()]
+    plt.close(fig)
+    for n in (3, 12, 20, 64, 300):
+        rgb = {tuple(np.round(c[:3], 6)) for c in viz.class_colors(n)}
+        assert len(rgb) == n, n

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import warnings
 
 import numpy as np
 
@@ -42,6 +43,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _fmt(shape) -> str:
     return str(tuple(int(d) for d in shape))
+
+
+def _any_batch(shape) -> str:
+    """``(N, 3, 227, 227)`` for a declared ``(10, 3, 227, 227)``."""
+    return "(" + ", ".join(["N"] + [str(int(d)) for d in shape[1:]]) + ")"
 
 
 def weight_report(params: dict, absurd: float = 1e4) -> list[str]:
@@ -91,8 +97,13 @@ def cmd_info(args: argparse.Namespace) -> int:
         params = converters.load_weights(args.weights)
     print(f"net: {printable(net.name) or '(unnamed)'}  ({len(net.layer)} layers, from "
           f"{printable(args.file)})")
-    module = build_module(net, path=args.file)
     shape = tuple(args.input_shape) if args.input_shape else None
+    net, undeclared = with_declared_inputs(net, shape)
+    if undeclared and shape is None:
+        print(f"\nblobs: unknown (the net declares no input for {undeclared}: pass "
+              "--input-shape N C H W)")
+        return _print_params_and_check(args, params, None, {})
+    module = build_module(net, path=args.file)
     try:
         xs = example_inputs(module, shape)
         traced = jax.eval_shape(
@@ -110,9 +121,45 @@ def cmd_info(args: argparse.Namespace) -> int:
                                    field="input_shape") from None
         print(f"\nblobs: unknown ({printable(e, 300)})")
         expected = None
+    if args.weights and expected is not None:
+        # the checks `run` and `convert` make: every layer's blobs fit the net
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            converters.load_caffe(net, args.weights, input_shape=shape)
+        for w in caught:
+            print(f"warning: {w.message}")
+    types = {s.name: s.type for s in module.layers}
+    return _print_params_and_check(args, params, expected, types)
+
+
+def with_declared_inputs(net, shape: tuple[int, ...] | None):
+    """``(net, names)``: a net (often a V1 caffemodel) that declares no input gets an Input
+    layer of ``shape`` for each bottom no layer produces; ``names`` lists those bottoms."""
+    if any(lp.type in ("Input", "Data", "ImageData", "MemoryData", "HDF5Data", "DummyData",
+                       "WindowData", "Python") for lp in net.layer):
+        return net, []
+    produced: set[str] = set()
+    undeclared: list[str] = []
+    for lp in net.layer:
+        undeclared += [b for b in lp.bottom if b not in produced and b not in undeclared]
+        produced.update(lp.top)
+    if not undeclared or shape is None:
+        return net, undeclared
+    new = type(net)()
+    new.CopyFrom(net)
+    del new.layer[:]
+    for name in undeclared:
+        lp = new.layer.add(name=name, type="Input", top=[name])
+        lp.input_param.shape.add(dim=list(shape))
+    new.layer.extend(net.layer)
+    return new, undeclared
+
+
+def _print_params_and_check(args: argparse.Namespace, params: dict | None,
+                            expected: dict | None, types: dict[str, str]) -> int:
+    """The params table of ``fcn-jax info`` and its ``--check``."""
     print("\nparams:")
     source = params if params is not None else expected or {}
-    types = {s.name: s.type for s in module.layers}
     for layer, blobs in source.items():
         names = converters.param_names(types.get(layer, ""), len(blobs))
         blobs = {n: blobs[n] for n in names if n in blobs} | blobs
@@ -177,7 +224,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     prepare_output(args.blobs, inputs, create=False)  # checked before any work
     x = read_input(args.input)
     shape = ({k: v.shape for k, v in x.items()} if isinstance(x, dict) else x.shape)
-    module, params = converters.load_caffe(args.prototxt, args.caffemodel, input_shape=shape)
+    module, params = load_for_input(args.prototxt, args.caffemodel, shape, args.input)
     outputs = tuple(args.outputs) if args.outputs else None
     known = set(blob_names(module)) | set(module.inputs)
     unknown = sorted(set(outputs or ()) - known)
@@ -204,6 +251,48 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"warning: non-finite values (NaN/Inf) in blobs {shown}", file=sys.stderr)
         return 1
     return 0
+
+
+def load_for_input(prototxt: str, caffemodel: str, shape, input_path: str):
+    """``converters.load_caffe`` for an input of ``shape`` (one shape or ``{name: shape}``),
+    blaming the right file: the weights are checked against the prototxt at its own input
+    shape first, so a shape that then fails is the input's fault, and said so."""
+    from converters import fcn as fcn_net
+
+    net = converters.read_prototxt(prototxt)
+    try:
+        declared = fcn_net.input_shapes(net)
+    except ValueError:
+        declared = {}
+    if declared and not any(v is None for v in declared.values()):
+        given = shape if isinstance(shape, dict) else (
+            {next(iter(declared)): shape} if len(declared) == 1 else {})
+        if not given:
+            raise CaffeFormatError(f"the net has inputs {sorted(declared)}: give an .npz with "
+                                   "one array per input", path=input_path)
+        for name, s in given.items():
+            want = declared.get(name)
+            if want is None:
+                raise CaffeFormatError(f"the net has no input {name!r} (its inputs: "
+                                       f"{sorted(declared)})", path=input_path)
+            if len(s) != len(want):
+                raise CaffeFormatError(
+                    f"input {name!r} has shape {_fmt(s)} ({len(s)}-D) but the net's input is "
+                    f"{len(want)}-D, like {_fmt(want)} (N, C, H, W)", path=input_path)
+        module, params = converters.load_caffe(prototxt, caffemodel)  # the prototxt's shapes
+        if all(tuple(given[k]) == tuple(declared[k]) for k in given):
+            return module, params
+        try:
+            return converters.load_caffe(prototxt, params, input_shape=shape)
+        except CaffeFormatError as e:
+            want = ", ".join(f"{k!r} {_any_batch(v)}" for k, v in declared.items()
+                             if k in given)
+            got = ", ".join(f"{k!r} of shape {_fmt(v)}" for k, v in given.items())
+            where = "".join(f"{k}: " for k in (e.layer and f"layer {e.layer!r}", e.field) if k)
+            raise CaffeFormatError(
+                f"input {got} does not fit the net, which takes {want} (at this input, "
+                f"{where}{e.reason})", path=input_path) from None
+    return converters.load_caffe(prototxt, caffemodel, input_shape=shape)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

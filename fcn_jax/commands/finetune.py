@@ -144,13 +144,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_finetune)
 
 
-def cmd_finetune(args: argparse.Namespace) -> int:
-    """Run ``fcn-jax finetune`` from parsed arguments."""
+def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
+    """The :class:`FinetuneConfig` of parsed ``fcn-jax finetune`` arguments."""
     fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
     kw = {k: v for k, v in vars(args).items() if k in fields}
     kw["progress"] = not args.no_progress
     kw["input_size"] = tuple(args.input_size)
-    cfg = FinetuneConfig(**kw)
+    return FinetuneConfig(**kw)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """Run ``fcn-jax finetune`` from parsed arguments."""
+    cfg = config_from_args(args)
     try:
         result = finetune(cfg, log=print)
     except (FinetuneError, FloatingPointError) as e:
@@ -360,6 +365,19 @@ def _freeze_predicate(patterns: Sequence[str]) -> Callable[[tuple[str, str]], bo
     return lambda path: any(r.fullmatch(path[0]) for r in rx)
 
 
+def require_fully_convolutional(prototxt: str) -> None:
+    """Refuse a classifier (InnerProduct layers) as ``--model``, saying how to cast it."""
+    net = converters.read_prototxt(prototxt)
+    fc = [lp.name for lp in net.layer if lp.type == "InnerProduct"]
+    if fc:
+        stem = Path(prototxt).with_suffix("").name
+        raise CaffeFormatError(
+            "InnerProduct: a classifier; the sliding-window loss needs its fully "
+            f"convolutional form: run `fcn-jax fcn {prototxt} WEIGHTS.caffemodel -o "
+            f"{stem}_fc`, then fine-tune with --model {stem}_fc.prototxt --weights "
+            f"{stem}_fc.caffemodel", path=prototxt, layer=fc[0], field="type")
+
+
 def finetune(cfg: FinetuneConfig, log: Callable[[str], Any] = print) -> dict[str, Any]:
     """Run the whole fine-tuning job of ``cfg``; returns what ``metrics.json`` holds."""
     import jax
@@ -373,6 +391,8 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], Any] = print) -> dict[str
         raise FinetuneError("--steps must be >= 0")
     if cfg.batch_size < 1:
         raise FinetuneError("--batch-size must be >= 1")
+    if cfg.model:
+        require_fully_convolutional(cfg.model)
     mesh = None
     if cfg.devices != 1:
         try:

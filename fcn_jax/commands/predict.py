@@ -27,8 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--batch-size", type=int, default=8, metavar="B", help="default 8")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--top-k", type=int, default=5, metavar="K",
-                      help="classes per image (default 5)")
+    mode.add_argument("--top-k", type=int, default=None, metavar="K",
+                      help="classes per image (default 5, or all when the net has fewer; "
+                      "with --dense: ranked by their mean score over the map)")
     mode.add_argument("--dense", action="store_true",
                       help="per-pixel class maps of an (N, C, H, W) output (e.g. an FCN)")
     p.add_argument("--blob", help="output blob (default: the net's last)")
@@ -45,7 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="multiply [0, 1] pixels by this (default 255)")
     p.add_argument("--no-channel-swap", action="store_true",
                    help="keep RGB order (default: RGB->BGR as Caffe models expect)")
-    p.add_argument("--labels", help="text file with one class name per line")
+    p.add_argument("--labels", help="text file with one class name per line, in class order "
+                   "(default: ImageNet's 1000 synset words when the output has 1000 classes; "
+                   "'none': no names)")
     p.add_argument("--workers", type=int, default=2, help="image-decoding threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
@@ -76,7 +79,7 @@ def _labels(path: str | None) -> tuple[str, ...] | None:
 
     from converters._io import open_regular
 
-    if path is None:
+    if path is None or path == "none":
         return None
     try:
         with open_regular(path) as raw:
@@ -112,7 +115,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     try:
         cfg = P.PredictConfig(batch_size=args.batch_size, top_k=args.top_k, dense=args.dense,
                               blob=args.blob, save_blob=args.save_blob,
-                              labels=_labels(args.labels), workers=args.workers)
+                              labels=_labels(args.labels), workers=args.workers,
+                              imagenet_labels=args.labels is None)
     except ValueError as e:
         print(f"fcn-jax: error: {e}", file=sys.stderr)
         return 2
@@ -128,7 +132,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
                                else args.mean, field="mean") from None
     try:
         summary = P.run_predict(module, params, images, args.out, transformer, cfg,
-                                resume=args.resume, progress=not args.no_progress)
+                                resume=args.resume, progress=not args.no_progress,
+                                net_text=converters.format_prototxt(net),
+                                sources={"prototxt": os.path.abspath(args.prototxt),
+                                         "weights": os.path.abspath(args.weights)})
     except FileExistsError as e:
         print(f"fcn-jax: error: {e}", file=sys.stderr)
         return 2

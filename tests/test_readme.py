@@ -1,0 +1,113 @@
+"""The README cannot drift: every name it shows imports, and its Python examples run (on the
+reference nets: caffenet_mini's files stand in for the full CaffeNet's)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import DATA
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+MINI = DATA / "caffenet_mini"
+
+#: README text -> what the test runs instead (each must occur, so that edits are noticed).
+SUBSTITUTIONS = {
+    'fcn_jax.tutorial_file("deploy.prototxt")': repr(str(MINI / "caffenet_mini_deploy.prototxt")),
+    'fcn_jax.tutorial_file("bvlc_caffenet_full_conv.prototxt")':
+        repr(str(MINI / "caffenet_mini_full_conv.prototxt")),
+    '"bvlc_reference_caffenet.caffemodel"': repr(str(MINI / "caffenet_mini.caffemodel")),
+}
+
+
+def _resolve(dotted: str):
+    """Import ``a.b.c`` as a module or an attribute chain."""
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for attr in parts[i:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ImportError(dotted)
+
+
+def test_every_name_the_readme_shows_imports():
+    names = set(re.findall(r"`((?:converters|fcn_jax)(?:\.\w+)+)", README))
+    assert "converters.fully_convolutional_net" in names and "fcn_jax.tutorial_file" in names
+    missing = []
+    for name in sorted(names):
+        try:
+            _resolve(name)
+        except (ImportError, AttributeError):
+            missing.append(name)
+    # table rows "| `module` | `name`, `name` ... |": each name is in that module
+    for module, cell in re.findall(r"^\| `((?:converters|fcn_jax)[\w.]*)` \| (.*) \|$", README,
+                                   re.M):
+        mod = _resolve(module)
+        for name in re.findall(r"`(\w+)`", cell):
+            if not hasattr(mod, name):
+                missing.append(f"{module}.{name}")
+    assert not missing, missing
+
+
+def _python_blocks() -> list[str]:
+    """The ```python blocks, dedented (blocks inside list items are indented)."""
+    import textwrap
+
+    return [textwrap.dedent(code) for _, code in
+            re.findall(r"^( *)```python\n(.*?)^\1```", README, re.S | re.M)]
+
+
+def test_readme_python_examples_run(predict_output, capsys):
+    blocks = _python_blocks()
+    assert len(blocks) >= 3
+    ns: dict = {}
+    for code in blocks:
+        for old, new in SUBSTITUTIONS.items():
+            code = code.replace(old, new)
+        exec(compile(code, "README.md", "exec"), ns)  # noqa: S102 - our own README
+    used = "".join(blocks)
+    assert all(old in used for old in SUBSTITUTIONS), "a substitution no longer applies"
+    # the API block: the transplant is the tutorial's, and the class map is Caffe's
+    assert [r for r in ns["report"].renamed] == [("fc6", "fc6-conv"), ("fc7", "fc7-conv"),
+                                                 ("fc8", "fc8-conv")]
+    info = json.loads((MINI / "caffenet_mini_info.json").read_text())
+    assert np.asarray(ns["cmap"]).tolist() == info["classification_map"]
+    assert ns["blobs"]["prob"].shape == (1, 1000)
+    # the annotation example writes what fine-tuning reads
+    assert ns["data"].read_annotations("annotations.jsonl")[1][1].shape == (2, 5)
+    # the predict reader example reads what predict wrote
+    assert "maps/000000.npz (9, 7) [9, 7]" in capsys.readouterr().out
+
+
+@pytest.fixture
+def predict_output(tmp_path, monkeypatch):
+    """A small dense ``fcn-jax predict`` run in ``preds/`` for the README's reader example."""
+    from fcn_jax.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    proto = tmp_path / "fcn.prototxt"
+    proto.write_text("""name: "tiny"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 9 dim: 7 } } }
+layer { name: "score" type: "Convolution" bottom: "data" top: "score" convolution_param { num_output: 4 kernel_size: 1 weight_filler { type: "gaussian" std: 1 } } }
+layer { name: "prob" type: "Softmax" bottom: "score" top: "prob" }
+""")  # noqa: E501
+    import converters
+
+    _, params = converters.load_caffe(proto)
+    converters.save_caffemodel(tmp_path / "fcn.caffemodel", params,
+                               converters.read_prototxt(proto))
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    Image.fromarray(np.zeros((12, 10, 3), np.uint8)).save(tmp_path / "images" / "a.png")
+    assert main(["predict", str(proto), str(tmp_path / "fcn.caffemodel"), "--dir", "images",
+                 "--out", "preds", "--dense", "--save-blob", "--no-progress"]) == 0
