@@ -30,7 +30,6 @@ from .proto import caffe_pb2
 from .safetensors_io import load_safetensors, safetensors_metadata, save_safetensors
 
 
-
 def __getattr__(name: str):
     """``fully_convolutional_net`` (a net rewrite that needs the layer table, which imports
     JAX) is imported on first use: ``import converters`` stays free of JAX."""

@@ -11,6 +11,7 @@ import numpy as np
 
 import converters
 from converters import CaffeFormatError
+from converters.errors import printable
 
 
 def register(sub: argparse._SubParsersAction) -> None:
