@@ -85,6 +85,21 @@ def _message(e: pytest.ExceptionInfo, path) -> str:
     return msg.replace(str(path), "FILE")
 
 
+def _raw_caffemodel(path, params, net) -> None:
+    """A caffemodel holding ``params`` as they are (our writer refuses a shape Caffe would
+    not give the blob; a file from elsewhere can still hold one)."""
+    out = converters.caffe_pb2.NetParameter()
+    out.CopyFrom(net)
+    for lp in out.layer:
+        for name in converters.PARAM_NAMES.get(lp.type, ()):
+            if name in params.get(lp.name, {}):
+                a = np.asarray(params[lp.name][name], np.float32)
+                blob = lp.blobs.add()
+                blob.shape.dim.extend(a.shape)
+                blob.data.extend(a.ravel().tolist())
+    path.write_bytes(out.SerializeToString())
+
+
 @pytest.mark.parametrize("edit", ["shape", "missing_layer", "extra_blob"])
 def test_names_or_shapes_that_do_not_fit_fail_as_for_a_caffemodel(tmp_path, edit):
     net = converters.read_prototxt(CONV / "conv_rect.prototxt")
@@ -104,7 +119,7 @@ def test_names_or_shapes_that_do_not_fit_fail_as_for_a_caffemodel(tmp_path, edit
             converters.load_caffe(CONV / "conv_rect.prototxt", bad)
         want = str(ref.value).replace(str(CONV / "conv_rect.prototxt"), "FILE")
     else:
-        converters.save_caffemodel(cm, bad, net)
+        _raw_caffemodel(cm, bad, net)
         with pytest.raises(CaffeFormatError) as ref:
             converters.load_caffe(CONV / "conv_rect.prototxt", cm)
         want = _message(ref, cm)
