@@ -440,9 +440,10 @@ def check_layer(spec: LayerSpec, bottom_shapes: Sequence[Shape], budget: int,
     ``Reshape`` checks) and its memory (tops and intermediates within ``budget`` bytes).
     Returns the top shapes, or None for a record without a shape rule."""
     rec = layer_type(spec.type, layer=spec.name)
-    shapes = [tuple(int(d) for d in s) for s in bottom_shapes]
     if rec.out_shapes is None:
         return None
+    # a symbolic dimension (jax.export's batch) counts as 1 here
+    shapes = [tuple(d if isinstance(d, int) else 1 for d in s) for s in bottom_shapes]
     tops = top_shapes(spec, shapes)
     elems = sum(math.prod(t) for t in tops)
     if rec.workspace is not None:

@@ -67,13 +67,18 @@ def _python_blocks() -> list[str]:
 
 
 def test_readme_python_examples_run(predict_output, capsys):
+    from fcn_jax import layer_table
+
     blocks = _python_blocks()
     assert len(blocks) >= 3
     ns: dict = {}
-    for code in blocks:
-        for old, new in SUBSTITUTIONS.items():
-            code = code.replace(old, new)
-        exec(compile(code, "README.md", "exec"), ns)  # noqa: S102 - our own README
+    try:
+        for code in blocks:
+            for old, new in SUBSTITUTIONS.items():
+                code = code.replace(old, new)
+            exec(compile(code, "README.md", "exec"), ns)  # noqa: S102 - our own README
+    finally:
+        layer_table.remove_layer_type("ChannelGain")  # the README registers it
     used = "".join(blocks)
     assert all(old in used for old in SUBSTITUTIONS), "a substitution no longer applies"
     # the API block: the transplant is the tutorial's, and the class map is Caffe's
@@ -82,6 +87,14 @@ def test_readme_python_examples_run(predict_output, capsys):
     info = json.loads((MINI / "caffenet_mini_info.json").read_text())
     assert np.asarray(ns["cmap"]).tolist() == info["classification_map"]
     assert ns["blobs"]["prob"].shape == (1, 1000)
+    # the layer table block: a registered type, and a head run from an inner blob
+    np.testing.assert_allclose(ns["head"]["prob"], ns["blobs"]["prob"], rtol=1e-5, atol=1e-7)
+    assert "fc6" not in ns["backbone"].apply({"params": ns["bparams"]}, ns["x"])
+    # the safetensors, export and NNX blocks ran on files made like the README says
+    assert ns["w"]["conv1/weight"].shape == tuple(ns["params"]["conv1"]["weight"].shape)
+    np.testing.assert_allclose(np.asarray(ns["probs"]), ns["blobs"]["prob"], rtol=1e-4,
+                               atol=1e-6)
+    assert np.isfinite(float(ns["loss"]))
     # the annotation example writes what fine-tuning reads
     assert ns["data"].read_annotations("annotations.jsonl")[1][1].shape == (2, 5)
     # the predict reader example reads what predict wrote
@@ -109,5 +122,11 @@ layer { name: "prob" type: "Softmax" bottom: "score" top: "prob" }
 
     (tmp_path / "images").mkdir()
     Image.fromarray(np.zeros((12, 10, 3), np.uint8)).save(tmp_path / "images" / "a.png")
+    # what the safetensors, export and NNX blocks read (fcn-jax convert / export)
+    mini_deploy = MINI / "caffenet_mini_deploy.prototxt"
+    mini_model = MINI / "caffenet_mini.caffemodel"
+    assert main(["convert", str(mini_deploy), str(mini_model), "-o", "model.safetensors"]) == 0
+    assert main(["export", str(mini_deploy), str(mini_model), "-o", "net.jaxexport",
+                 "--input-size", "227", "227"]) == 0
     assert main(["predict", str(proto), str(tmp_path / "fcn.caffemodel"), "--dir", "images",
                  "--out", "preds", "--dense", "--save-blob", "--no-progress"]) == 0
