@@ -272,6 +272,11 @@ def _read_detection_output(lp) -> dict:
         raise _err(name, "nms_threshold must be non negative", "nms_param.nms_threshold")
     if not 0 < nms.eta <= 1:
         raise _err(name, f"eta {nms.eta} is not in (0, 1]", "nms_param.eta")
+    if p.share_location and p.background_label_id == -1:
+        # bbox_util.cpp DecodeBBoxesAll skips the shared label -1 as background: Caffe stops
+        raise _err(name, "share_location with background_label_id -1 has no boxes in SSD's "
+                   "DetectionOutput (LOG(FATAL) there)", "detection_output_param."
+                   "background_label_id")
     if p.code_type not in (1, 2, 3):
         raise _err(name, f"unknown code_type {p.code_type}", "detection_output_param.code_type")
     return {"num_classes": int(p.num_classes), "share_location": bool(p.share_location),
