@@ -36,6 +36,9 @@ PARAM_NAMES: dict[str, tuple[str, ...]] = {
     "Scale": ("scale", "bias"),
     "Bias": ("bias",),
     "PReLU": ("slope",),
+    # forks' types (fcn_jax.fork_layers)
+    "ConvolutionDepthwise": ("weight", "bias"),
+    "Normalize": ("scale",),
 }
 
 #: Protobuf refuses messages of 2 GiB or more.

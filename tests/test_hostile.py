@@ -499,7 +499,7 @@ def test_load_caffe_still_reports_caller_mistakes_as_type_errors():
 
 
 def test_deeply_nested_unknown_param_is_a_syntax_error(tmp_path):
-    text = 'layer { name: "a" type: "Norm" norm_param ' + "{ x " * 5000 + "}" * 5001
+    text = 'layer { name: "a" type: "ROIPooling" roi_pooling_param ' + "{ x " * 5000 + "}" * 5001
     f = write(tmp_path, "deep.prototxt", text)
     with pytest.raises(CaffeFormatError, match=r"deep\.prototxt: syntax: syntax error: braces "
                                                r"nested too deeply"):

@@ -137,9 +137,9 @@ def test_unknown_layer_type(tmp_path):
     f = tmp_path / "bad.prototxt"
     f.write_text('layer { name: "data" type: "Input" top: "data" '
                  'input_param { shape { dim: 1 dim: 3 dim: 4 dim: 4 } } }\n'
-                 'layer { name: "n" type: "Normalize" bottom: "data" top: "n" '
-                 'norm_param { across_spatial: false } }\n')
-    with pytest.raises(UnsupportedLayerError, match=r"layer 'n': type: .*'Normalize'"):
+                 'layer { name: "n" type: "Proposal" bottom: "data" top: "n" '
+                 'proposal_param { feat_stride: 16 } }\n')
+    with pytest.raises(UnsupportedLayerError, match=r"layer 'n': type: .*'Proposal'"):
         converters.load_caffe(f)
 
 

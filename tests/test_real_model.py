@@ -137,22 +137,36 @@ def test_open_nsfw_matches_opencv(nsfw):
 # ----------------------------------------------------------------------------- res10 SSD
 
 
-def test_res10_full_net_names_its_fork_layer(res10):
-    with pytest.raises(converters.UnsupportedLayerError) as e:
-        converters.load_caffe(res10.prototxt, res10.caffemodel)
-    msg = str(e.value)
-    assert "conv4_3_norm" in msg and "'Normalize'" in msg and "\n" not in msg
-
-
-def test_res10_supported_part_matches_float64_reference(res10):
+def test_res10_whole_detector_loads_strictly(res10):
     assert rm.sha256(res10.caffemodel) == res10.m.caffemodel_sha256
-    # the left-out layers are exactly the SSD-fork ones and what depends on them
-    dropped_types = {lp.type for lp in res10.full.layer if lp.name in res10.dropped}
-    assert {"Normalize", "PriorBox", "Permute", "DetectionOutput"} <= dropped_types
-    assert not any(lp.type in ("BatchNorm", "Scale", "Eltwise", "Pooling")
-                   for lp in res10.full.layer if lp.name in res10.dropped)
-    worst = _check_blobs(res10.ours["astronaut"], res10.reference(), {res10.input}, REL_FLOAT64)
-    assert "conv6_2_h" in worst and "conv9_2_mbox_conf" in worst
+    assert res10.dropped == []  # the SSD-fork layers are built in (fcn_jax.fork_layers)
+    types = {s.type for s in res10.module.layers}
+    assert {"Normalize", "Permute", "PriorBox", "DetectionOutput", "Flatten"} <= types
+    # Normalize's learned per-channel scale came from the caffemodel (filler says 20)
+    scale = res10.params["conv4_3_norm"]["scale"]
+    assert scale.shape == (128,) and not np.allclose(scale, 20.0)
+
+
+def test_res10_unknown_fork_layer_still_names_itself(res10):
+    net = converters.read_prototxt(res10.prototxt)
+    next(lp for lp in net.layer if lp.type == "Normalize").type = "L2NormalizeX"
+    with pytest.raises(converters.UnsupportedLayerError) as e:
+        converters.load_caffe(net, res10.caffemodel)
+    msg = str(e.value)
+    assert "conv4_3_norm" in msg and "'L2NormalizeX'" in msg and "\n" not in msg
+    assert "outputs=" in msg and "register_layer" in msg
+
+
+def test_res10_every_blob_matches_float64_reference(res10):
+    ref = res10.reference()
+    worst = _check_blobs(res10.ours["astronaut"], ref, {res10.input, "detection_out"},
+                         REL_FLOAT64)
+    assert "conv4_3_norm" in worst and "mbox_priorbox" in worst and "mbox_conf_flatten" in worst
+    assert len(worst) == 79  # every blob but the input and the detections
+    # the detections equal the plain numpy detector (detection_output_layer.cpp, float32)
+    d = rm.compare_detections(res10.ours["astronaut"]["detection_out"], ref["detection_out"])
+    assert d["same_count"] and d["same_labels"], d
+    assert d["max_score_rel"] < 1e-5 and d["max_box_abs"] < 1e-5, d
 
 
 def test_res10_finds_the_astronaut_face(res10):
@@ -168,12 +182,14 @@ def test_res10_matches_opencv(res10):
     if not rm.opencv_available():
         pytest.skip("OpenCV with the Caffe importer not installed (opencv-python-headless<5)")
     x = res10.x["astronaut"]
-    cv, cvnet = rm.opencv_blobs(res10.prototxt, res10.caffemodel, x, res10.net)
-    _check_blobs(res10.ours["astronaut"], cv, {res10.input}, REL_OPENCV)
-    # OpenCV runs the whole detector (its own PriorBox/DetectionOutput): its best box holds
-    # the cell where our face probability peaks.
-    cvnet.setInput(x)
-    det = cvnet.forward()[0, 0]
-    top = det[np.argmax(det[:, 2])]
-    _, _, cx, cy = rm.best_face_cell(rm.face_probabilities(res10.ours["astronaut"], res10.net))
-    assert top[2] > 0.99 and top[3] <= cx <= top[5] and top[4] <= cy <= top[6]
+    cv, _ = rm.opencv_blobs(res10.prototxt, res10.caffemodel, x, res10.net)
+    ours = res10.ours["astronaut"]
+    _check_blobs(ours, cv, {res10.input, "detection_out"}, REL_OPENCV)
+    # OpenCV runs its own PriorBox/DetectionOutput: the same detections, row by row
+    d = rm.compare_detections(ours["detection_out"], cv["detection_out"])
+    assert d["same_count"] and d["same_labels"] and d["count"][0] > 0, d
+    assert d["max_score_rel"] < 1e-4 and d["max_box_abs"] < 1e-3, d
+    best = rm.valid_detections(ours["detection_out"])[0]
+    x0, y0, x1, y1 = ASTRONAUT_FACE
+    cx, cy = (best[3] + best[5]) / 2, (best[4] + best[6]) / 2
+    assert best[2] > 0.99 and x0 <= cx <= x1 and y0 <= cy <= y1, best
