@@ -18,9 +18,9 @@ import numpy as np
 from google.protobuf import message as pb_message
 from google.protobuf import text_format, unknown_fields
 
-from . import _io, wire
-from ._io import atomic_write_bytes
+from . import files, wire
 from .errors import CaffeFormatError
+from .files import atomic_write_bytes
 from .proto import caffe_fast_pb2, caffe_pb2
 
 PathLike = str | os.PathLike
@@ -183,10 +183,10 @@ def read_file(path: PathLike, budget: int | None = None) -> bytearray:
     budget)."""
     budget = resolve_memory_budget(budget)
     try:
-        with _io.open_regular(path) as f:
+        with files.open_regular(path) as f:
             size = os.fstat(f.fileno()).st_size
             _check_size(size, path, budget)
-            raw = _io.read_exactly(f, size)
+            raw = files.read_exactly(f, size)
             if len(raw) != size or f.read(1):
                 raise CaffeFormatError("the file changed size while it was read", path=path)
     except OSError as e:
@@ -645,7 +645,7 @@ def load_caffemodel(path: PathLike, *, memory_budget: int | None = None) -> Para
 def read_net(path: PathLike, *, memory_budget: int | None = None):
     """Read a net definition from a ``.prototxt`` or the structure of a ``.caffemodel``."""
     try:
-        with _io.open_regular(path) as f:
+        with files.open_regular(path) as f:
             head = f.read(64)
     except OSError as e:
         raise CaffeFormatError(f"cannot read: {e.strerror or e}", path=path) from None

@@ -18,7 +18,7 @@ import re
 import numpy as np
 from google.protobuf import message as pb_message
 
-from . import _io
+from . import files
 from .caffe_io import (
     blob_dims,
     blob_to_array,
@@ -106,7 +106,7 @@ def load_mean(path: PathLike, *, memory_budget: int | None = None) -> np.ndarray
 
     budget = resolve_memory_budget(memory_budget)
     try:
-        with _io.open_regular(path) as f:
+        with files.open_regular(path) as f:
             magic = f.read(len(_NPY_MAGIC))
     except OSError as e:
         raise CaffeFormatError(f"cannot read: {e.strerror or e}", path=path) from None

@@ -14,9 +14,9 @@ from typing import IO
 
 import numpy as np
 
-from ._io import open_regular, read_exactly
 from .caffe_io import resolve_memory_budget
 from .errors import CaffeFormatError
+from .files import open_regular, read_exactly
 
 PathLike = str | os.PathLike
 _NPY_MAGIC = b"\x93NUMPY"

@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from ._io import atomic_write_bytes
 from .caffe_io import MEMORY_BUDGET_ENV, format_prototxt, read_prototxt, resolve_memory_budget
 from .errors import CaffeFormatError
+from .files import atomic_write_bytes
 
 PathLike = str | os.PathLike
 Params = dict[str, dict[str, np.ndarray]]

@@ -23,7 +23,7 @@ import numpy as np
 
 import converters
 from converters import CaffeFormatError
-from converters._io import atomic_write_bytes
+from converters.files import atomic_write_bytes
 
 PathLike = str | os.PathLike
 

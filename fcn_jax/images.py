@@ -46,7 +46,7 @@ class ImageError(CaffeFormatError):
 def open_regular_file(path: str | os.PathLike) -> IO[bytes]:
     """Open ``path`` for reading if it is a regular file, never blocking: a FIFO, socket or
     device is refused (``ImageError``) without waiting for a writer."""
-    from converters._io import open_regular
+    from converters.files import open_regular
 
     try:
         return open_regular(path)

@@ -20,7 +20,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from converters._io import atomic_write as _atomic_write
+from converters.files import atomic_write as _atomic_write
 
 __all__ = [
     "atomic_write",
@@ -42,7 +42,7 @@ def atomic_write(path: PathLike, write_fn: Callable[[IO[Any]], Any], mode: str =
 
     ``mode`` is ``"wb"`` (binary) or ``"w"`` (text, UTF-8). The mechanism (temp file in the
     same folder, fsync, rename, old permissions kept, temp removed on any exception) is
-    ``converters._io.atomic_write``. Returns the destination path.
+    ``converters.files.atomic_write``. Returns the destination path.
     """
     if mode not in ("wb", "w"):
         raise ValueError(f"mode must be 'wb' or 'w', got {mode!r}")

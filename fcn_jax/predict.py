@@ -44,8 +44,8 @@ from typing import Any
 import numpy as np
 
 from converters import CaffeFormatError
-from converters._io import atomic_write_bytes
 from converters.caffe_io import resolve_memory_budget
+from converters.files import atomic_write_bytes
 
 from . import images as _images
 

@@ -18,7 +18,7 @@ import pytest
 from conftest import DATA
 
 import converters
-from converters._io import atomic_write, atomic_write_bytes
+from converters.files import atomic_write, atomic_write_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = DATA / "layers"

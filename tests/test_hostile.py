@@ -403,7 +403,7 @@ def test_files_over_protobufs_2gb_limit_are_refused_unread(sparse_3gb, monkeypat
     def no_reading(*a, **k):
         raise AssertionError("the file was read")
 
-    monkeypatch.setattr(converters._io, "read_exactly", no_reading)
+    monkeypatch.setattr(converters.files, "read_exactly", no_reading)
     budget = 16 * 2**30
     for reader in (converters.read_caffemodel, converters.load_caffemodel,
                    converters.read_prototxt):
@@ -845,7 +845,7 @@ def test_a_3gb_sparse_binaryproto_is_refused_by_its_size(sparse_3gb, monkeypatch
     def no_reading(*a, **k):
         raise AssertionError("the file was read")
 
-    monkeypatch.setattr(converters._io, "read_exactly", no_reading)
+    monkeypatch.setattr(converters.files, "read_exactly", no_reading)
     with pytest.raises(CaffeFormatError, match=r"huge\.caffemodel: file of 3221225472 bytes "
                                                r"exceeds protobuf's 2 GiB limit"):
         load_mean(sparse_3gb, memory_budget=16 * 2**30)
@@ -1040,7 +1040,7 @@ def test_run_and_convert_create_missing_folders_like_fcn(tmp_path, capsys):
 
 
 def test_write_errors_name_the_destination_never_a_temp_file(tmp_path):
-    from converters._io import atomic_write
+    from converters.files import atomic_write
 
     (tmp_path / "file").write_text("x")
     with pytest.raises(OSError) as e:  # the folder is a file: mkstemp fails
@@ -1062,7 +1062,7 @@ def test_write_errors_name_the_destination_never_a_temp_file(tmp_path):
 def test_fcn_writes_its_prototxt_and_caffemodel_as_a_pair(tmp_path, monkeypatch, capsys):
     """A failure while writing the second file, or on its rename, leaves both old files;
     no temp or backup file remains."""
-    import converters._io as cio
+    import converters.files as cio
     from fcn_jax.cli import main
 
     mini = DATA / "caffenet_mini"

@@ -191,7 +191,7 @@ def read_input(path: str) -> np.ndarray | dict[str, np.ndarray]:
     """``run --input``: an ``.npy`` array, or an ``.npz`` of named inputs, as float32;
     refuses (one line, naming the file) empty arrays and dtypes Caffe has no blob for
     (bool, complex), besides everything ``converters.npy`` refuses."""
-    from converters._io import open_regular
+    from converters.files import open_regular
     from converters.npy import load_npy, load_npz
 
     try:

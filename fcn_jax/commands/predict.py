@@ -77,7 +77,7 @@ def _mean(arg: str, channels: int, height: int, width: int):
 def _labels(path: str | None) -> tuple[str, ...] | None:
     import io
 
-    from converters._io import open_regular
+    from converters.files import open_regular
 
     if path is None or path == "none":
         return None

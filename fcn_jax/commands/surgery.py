@@ -110,10 +110,10 @@ def cmd_fcn(args: argparse.Namespace) -> int:
 def write_net_and_weights(proto_path: str, model_path: str, net, params, *,
                           inputs=()) -> None:
     """Write a prototxt and its caffemodel as a pair: both new or both old
-    (``converters._io.atomic_write_group``); neither may replace one of ``inputs``, and a
+    (``converters.files.atomic_write_group``); neither may replace one of ``inputs``, and a
     missing folder is created."""
-    from converters._io import atomic_write_group
     from converters.caffe_io import PROTOBUF_LIMIT, build_caffemodel
+    from converters.files import atomic_write_group
     from fcn_jax.io_utils import prepare_output
 
     for path in (proto_path, model_path):

@@ -1,4 +1,5 @@
-"""Atomic file writes: temp file in the same folder, fsync, rename. No partial files.
+"""File access for every reader and writer: regular files only, read by their size; atomic
+writes (temp file in the same folder, fsync, rename; no partial files).
 
 A reader of ``path`` sees either the old file or the complete new one, whatever happens to
 the writer (an exception, Ctrl-C, SIGKILL, a power cut after the rename's fsync). After a
