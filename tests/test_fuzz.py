@@ -418,3 +418,63 @@ def test_fuzz_npz_member_names(names):
     assert sorted(back) == sorted(names)
     for n, arr in blobs.items():
         np.testing.assert_array_equal(back[n], arr)
+
+
+# ----------------------------------------------------------------------------- layer params
+
+_EXTREME = st.sampled_from([0, 1, 2, 3, 5, 7, 255, 65535, 2**31 - 1, 2**31, 2**32 + 1, -1, -5])
+_LAYERS = {
+    "Convolution": lambda v: (f"convolution_param {{ num_output: {v[0]} kernel_size: {v[1]} "
+                              f"stride: {v[2]} pad: {v[3]} group: {v[4]} dilation: {v[5]} }}"),
+    "Deconvolution": lambda v: (f"convolution_param {{ num_output: {v[0]} kernel_size: {v[1]} "
+                                f"stride: {v[2]} pad: {v[3]} group: {v[4]} }}"),
+    "Pooling": lambda v: (f"pooling_param {{ pool: {('MAX', 'AVE')[v[0] % 2]} kernel_size: "
+                          f"{v[1]} stride: {v[2]} pad: {v[3]} }}"),
+    "LRN": lambda v: f"lrn_param {{ local_size: {v[1]} alpha: {v[2]} beta: 0.75 }}",
+    "InnerProduct": lambda v: f"inner_product_param {{ num_output: {v[0]} axis: {v[5]} }}",
+    "Reshape": lambda v: (f"reshape_param {{ shape {{ dim: {v[0]} dim: {v[1]} }} axis: {v[2]} "
+                          f"num_axes: {v[3]} }}"),
+    "Slice": lambda v: f"slice_param {{ axis: {v[0]} slice_point: {v[1]} }}",
+    "Concat": lambda v: f"concat_param {{ axis: {v[0]} }}",
+    "Eltwise": lambda v: "eltwise_param { operation: SUM }",
+    "Crop": lambda v: f"crop_param {{ axis: {v[0]} offset: {v[1]} }}",
+    "Scale": lambda v: f"scale_param {{ axis: {v[0]} num_axes: {v[1]} bias_term: true }}",
+    "PReLU": lambda v: f"prelu_param {{ channel_shared: {('false', 'true')[v[0] % 2]} }}",
+    "Flatten": lambda v: f"flatten_param {{ axis: {v[0]} end_axis: {v[1]} }}",
+    "Softmax": lambda v: f"softmax_param {{ axis: {v[0]} }}",
+    "ArgMax": lambda v: f"argmax_param {{ top_k: {v[0]} axis: {v[1]} }}",
+    "Permute": lambda v: f"permute_param {{ order: {v[0]} order: {v[1]} }}",
+    "Normalize": lambda v: f"norm_param {{ across_spatial: {('false', 'true')[v[0] % 2]} }}",
+    "ShuffleChannel": lambda v: f"shuffle_channel_param {{ group: {v[0]} }}",
+    "Interp": lambda v: f"interp_param {{ zoom_factor: {v[0]} }}",
+    "Upsample": lambda v: f"upsample_param {{ scale: {v[0]} }}",
+}
+
+
+_VALUE_OR_EXTREME = st.one_of(st.integers(0, 4), _EXTREME)
+
+
+@fuzz_settings(400)
+@given(st.sampled_from(sorted(_LAYERS)), st.lists(_VALUE_OR_EXTREME, min_size=6, max_size=6),
+       st.tuples(st.integers(1, 2), st.integers(1, 4), st.integers(1, 12), st.integers(1, 12)),
+       st.sampled_from([1, 1, 1, 1, 2, 0, 3]), st.sampled_from([1, 1, 1, 1, 2, 0]))
+def test_fuzz_layer_parameter_extremes(kind, values, shape, bottoms, tops):
+    """A layer with extreme parameter values and any bottom/top counts either runs (shape
+    trace) or is refused with a one-line ``CaffeFormatError``: never another exception, an
+    abort, or an allocation past the memory budget."""
+    import jax
+
+    dims = " ".join(f"dim: {d}" for d in shape)
+    bottom = "".join(f' bottom: "{b}"' for b in ("data", "data2", "data")[:bottoms])
+    top = "".join(f' top: "t{i}"' for i in range(tops))
+    text = (f'layer {{ name: "data" type: "Input" top: "data" top: "data2" input_param {{ '
+            f'shape {{ {dims} }} }} }}\n'
+            f'layer {{ name: "l" type: "{kind}"{bottom}{top} {_LAYERS[kind](values)} }}')
+    try:
+        net = converters.parse_prototxt(text)
+        module, params = converters.load_caffe(net)
+        x = jax.ShapeDtypeStruct(shape, np.float32)
+        jax.eval_shape(lambda p, a, b: module.apply({"params": p}, {"data": a, "data2": b}),
+                       params, x, x)
+    except CaffeFormatError as e:
+        assert "\n" not in str(e)
