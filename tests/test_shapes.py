@@ -46,7 +46,7 @@ def test_strided_kernel_overhanging_a_small_input(size, want):
         graph, _ = converters.load_caffe(net, input_shape=(1, 3, 64, 64))
         params = {"conv1": {"weight": jax.ShapeDtypeStruct((4, 3, 11, 11), "float32"),
                             "bias": jax.ShapeDtypeStruct((4,), "float32")}}
-        with pytest.raises(converters.CaffeFormatError, match="conv1.*empty"):
+        with pytest.raises(converters.CaffeFormatError, match="conv1.*not positive"):
             jax.eval_shape(lambda p, x: graph.apply({"params": p}, x), params, x)
         return
     module, _ = converters.load_caffe(net)
