@@ -161,10 +161,20 @@ def test_builtin_records_are_complete():
     for name in layer_table.supported_types():
         rec = layer_table.layer_type(name)
         assert rec.builtin and (rec.is_input or rec.forward is not None), name
-    spec = layer_table.spec_of(converters.parse_prototxt("""
-        layer { name: "bn" type: "BatchNorm" bottom: "x" top: "x" }""").layer[0])
-    assert tuple(layer_table.param_shapes(spec, [(1, 3, 4, 4)])) == \
-        converters.PARAM_NAMES["BatchNorm"]
+    # the format's blob names (converters.PARAM_NAMES, JAX-free) are the records' names
+    params = {"Convolution": "convolution_param { num_output: 2 kernel_size: 1 }",
+              "Deconvolution": "convolution_param { num_output: 2 kernel_size: 1 }",
+              "ConvolutionDepthwise": "convolution_param { num_output: 3 kernel_size: 1 }",
+              "InnerProduct": "inner_product_param { num_output: 2 }",
+              "Scale": "scale_param { bias_term: true }", "Bias": "", "BatchNorm": "",
+              "PReLU": "", "Normalize": ""}
+    for kind, names in converters.PARAM_NAMES.items():
+        if kind not in layer_table.supported_types():
+            continue  # Embed: a format name only
+        spec = layer_table.spec_of(converters.parse_prototxt(
+            f'layer {{ name: "l" type: "{kind}" bottom: "x" top: "y" {params[kind]} }}'
+        ).layer[0])
+        assert tuple(layer_table.param_shapes(spec, [(1, 3, 4, 4)])) == names, kind
     with pytest.raises(ValueError, match="already registered"):
         fcn_jax.register_layer("ReLU")(lambda b, p, layer: b)
 
