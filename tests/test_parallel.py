@@ -11,6 +11,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 from fcn_jax import train as T
 
@@ -68,6 +69,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow  # run by .ci/run after the default suite
 def test_four_devices_match_one_and_resume_on_one(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_force_host_platform_device_count=4")

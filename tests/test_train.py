@@ -178,6 +178,7 @@ def test_loss_with_everything_ignored_is_zero():
     assert float(loss) == 0.0 and float(jnp.sum(lmap)) == 0.0
 
 
+@pytest.mark.slow  # run by .ci/run after the default suite
 def test_gradient_of_loss_map_matches_finite_differences(tiny_graph):
     """float64: d/dp sum(loss_map * r) against central differences along random directions."""
     _, module, params = tiny_graph
@@ -464,6 +465,7 @@ def test_dense_metrics_by_hand():
 # ----------------------------------------------------------------------------- CLI
 
 
+@pytest.mark.slow  # run by .ci/run after the default suite
 def test_finetune_command_demo_and_resume(tmp_path):
     from fcn_jax.cli import main
 
