@@ -147,6 +147,8 @@ LAYER_TYPES: dict[str, LayerType] = {}
 
 def add_layer_type(record: LayerType, *, replace: bool = False) -> LayerType:
     """Put ``record`` in the table (``replace=True`` to override an existing type)."""
+    if not record.builtin:
+        _ensure_builtins()  # a user's type meets the built-in ones, never the reverse
     old = LAYER_TYPES.get(record.name)
     if old is not None and not replace:
         raise ValueError(f"layer type {record.name!r} is already registered "
