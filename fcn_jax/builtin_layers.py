@@ -38,15 +38,15 @@ from .nhwc import Blob
 Params = Mapping[str, Any]
 
 
-def _add(**kw) -> LayerType:
+def add_builtin(**kw) -> LayerType:
     return add_layer_type(LayerType(builtin=True, **kw), replace=True)
 
 
 # ----------------------------------------------------------------------------- reading
 
 
-def _hw(values, h, w, default: int, has_h: bool, has_w: bool, what: str, layer: str
-        ) -> tuple[int, int]:
+def read_pair(values, h, w, default: int, has_h: bool, has_w: bool, what: str, layer: str
+              ) -> tuple[int, int]:
     """Caffe's rule for kernel/pad/stride: ``*_h``/``*_w`` if given, else 1 or 2 repeated
     values, else ``default``."""
     if has_h or has_w:
@@ -65,13 +65,13 @@ def _hw(values, h, w, default: int, has_h: bool, has_w: bool, what: str, layer: 
                            layer=layer, field=what)
 
 
-def _filler(f) -> tuple:
+def filler_of(f) -> tuple:
     return freeze({"type": f.type, "value": f.value, "min": f.min, "max": f.max,
                    "mean": f.mean, "std": f.std, "variance_norm": int(f.variance_norm),
                    "sparse": f.sparse})
 
 
-def _constant(value: float) -> tuple:
+def constant_filler(value: float) -> tuple:
     return freeze({"type": "constant", "value": value})
 
 
@@ -87,17 +87,17 @@ def _axis(axis: int, ndim: int, layer: str, field: str = "axis") -> int:
     return axis % ndim
 
 
-def _need_4d(spec: LayerSpec, shape: Shape) -> None:
+def need_4d(spec: LayerSpec, shape: Shape) -> None:
     if len(shape) != 4:
         raise CaffeFormatError(f"needs a 4-D bottom, got shape {tuple(shape)}",
                                layer=spec.name, field="bottom")
 
 
-def _same_valid(spec: LayerSpec, vs: list) -> list:
+def same_valid(spec: LayerSpec, vs: list) -> list:
     return [vs[0]] * len(spec.tops)
 
 
-def _same_window(spec: LayerSpec, geos: list[Geo], shapes: list[Shape]) -> Geo:
+def same_window(spec: LayerSpec, geos: list[Geo], shapes: list[Shape]) -> Geo:
     return union(geos, spec.name) if len(geos) > 1 else geos[0]
 
 
@@ -120,11 +120,29 @@ def _read_input(lp) -> dict:
 
 for _t in ("Input", "Data", "ImageData", "HDF5Data", "MemoryData", "WindowData", "DummyData",
            "AnnotatedData"):
-    _add(name=_t, read=_read_input, out_shapes=None, is_input=True, bottoms=(0, 0),
-         tops=(1, None))
+    add_builtin(name=_t, read=_read_input, out_shapes=None, is_input=True, bottoms=(0, 0),
+                tops=(1, None))
 
 
 # ----------------------------------------------------------------------------- convolution
+
+
+def read_kernel_geometry(p, name: str) -> dict:
+    """Kernel, pad, stride and dilation of a ``ConvolutionParameter`` (Caffe's rules and
+    defaults), checked: positive kernel, stride and dilation."""
+    kernel = read_pair(list(p.kernel_size), p.kernel_h, p.kernel_w, 0, p.HasField("kernel_h"),
+                       p.HasField("kernel_w"), "kernel", name)
+    if min(kernel) <= 0:
+        raise CaffeFormatError("kernel size must be positive", layer=name, field="kernel_size")
+    pad = read_pair(list(p.pad), p.pad_h, p.pad_w, 0, p.HasField("pad_h"), p.HasField("pad_w"),
+                    "pad", name)
+    stride = read_pair(list(p.stride), p.stride_h, p.stride_w, 1, p.HasField("stride_h"),
+                       p.HasField("stride_w"), "stride", name)
+    dilation = read_pair(list(p.dilation), 0, 0, 1, False, False, "dilation", name)
+    if min(stride) <= 0 or min(dilation) <= 0:
+        raise CaffeFormatError("stride and dilation must be positive", layer=name,
+                               field="stride")
+    return {"kernel": kernel, "pad": pad, "stride": stride, "dilation": dilation}
 
 
 def _read_conv(lp) -> dict:
@@ -132,31 +150,20 @@ def _read_conv(lp) -> dict:
     name = lp.name
     if p.axis != 1:
         raise CaffeFormatError("only axis 1 is supported", layer=name, field="axis")
-    kernel = _hw(list(p.kernel_size), p.kernel_h, p.kernel_w, 0, p.HasField("kernel_h"),
-                 p.HasField("kernel_w"), "kernel", name)
-    if min(kernel) <= 0:
-        raise CaffeFormatError("kernel size must be positive", layer=name, field="kernel_size")
-    pad = _hw(list(p.pad), p.pad_h, p.pad_w, 0, p.HasField("pad_h"), p.HasField("pad_w"),
-              "pad", name)
-    stride = _hw(list(p.stride), p.stride_h, p.stride_w, 1, p.HasField("stride_h"),
-                 p.HasField("stride_w"), "stride", name)
-    dilation = _hw(list(p.dilation), 0, 0, 1, False, False, "dilation", name)
+    geometry = read_kernel_geometry(p, name)
     if p.num_output <= 0:
         raise CaffeFormatError("num_output must be positive", layer=name, field="num_output")
     if p.group <= 0 or p.num_output % p.group:
         raise CaffeFormatError(f"num_output {p.num_output} is not divisible by group "
                                f"{p.group}", layer=name, field="group")
-    if min(stride) <= 0 or min(dilation) <= 0:
-        raise CaffeFormatError("stride and dilation must be positive", layer=name,
-                               field="stride")
-    return {"num_output": int(p.num_output), "bias_term": bool(p.bias_term), "kernel": kernel,
-            "pad": pad, "stride": stride, "dilation": dilation, "group": int(p.group),
-            "weight_filler": _filler(p.weight_filler), "bias_filler": _filler(p.bias_filler)}
+    return {"num_output": int(p.num_output), "bias_term": bool(p.bias_term), **geometry,
+            "group": int(p.group), "weight_filler": filler_of(p.weight_filler),
+            "bias_filler": filler_of(p.bias_filler)}
 
 
 def _conv_params(spec: LayerSpec, shapes: list[Shape]) -> dict:
     c = spec.cfg
-    _need_4d(spec, shapes[0])
+    need_4d(spec, shapes[0])
     cin, g = shapes[0][1], c["group"]
     if cin % g:
         raise CaffeFormatError(f"input channels {cin} not divisible by group {g}",
@@ -170,17 +177,17 @@ def _conv_params(spec: LayerSpec, shapes: list[Shape]) -> dict:
     return out
 
 
-def _conv_sizes(spec: LayerSpec, hw: Sequence[Any]) -> tuple:
+def conv_sizes(spec: LayerSpec, hw: Sequence[Any]) -> tuple:
     c = spec.cfg
-    size = L.conv_output_size if spec.type == "Convolution" else L.deconv_output_size
+    size = L.deconv_output_size if spec.type == "Deconvolution" else L.conv_output_size
     return tuple(size(v, k, s, q, d) for v, k, s, q, d in zip(
         hw, c["kernel"], c["stride"], c["pad"], c["dilation"], strict=True))
 
 
 def _conv_shapes(spec: LayerSpec, shapes: list[Shape]) -> list[Shape]:
     x = shapes[0]
-    _need_4d(spec, x)
-    hw = _conv_sizes(spec, x[2:])
+    need_4d(spec, x)
+    hw = conv_sizes(spec, x[2:])
     if min(hw) <= 0:
         raise CaffeFormatError(f"output size {hw} is not positive for bottom {x}",
                                layer=spec.name, field="kernel_size")
@@ -202,10 +209,10 @@ def _conv_nhwc(spec: LayerSpec, bl: list[Blob], p: Params, ctx: Context, vs: lis
                          precision=ctx.precision, valid=vs[0]))]
 
 
-def _conv_workspace(spec: LayerSpec, shapes: list[Shape], tops: list[Shape]) -> int:
+def conv_workspace(spec: LayerSpec, shapes: list[Shape], tops: list[Shape]) -> int:
     """The zero-padded input (convolution), or the full uncropped output (deconvolution)."""
     c, (n, ch, h, w) = spec.cfg, shapes[0]
-    if spec.type == "Convolution":
+    if spec.type != "Deconvolution":
         pads = L.conv_padding((h, w), c["kernel"], c["stride"], c["pad"], c["dilation"])
         return n * ch * (h + sum(pads[0])) * (w + sum(pads[1]))
     ext = [d * (k - 1) + 1 for k, d in zip(c["kernel"], c["dilation"], strict=True)]
@@ -213,7 +220,7 @@ def _conv_workspace(spec: LayerSpec, shapes: list[Shape], tops: list[Shape]) -> 
     return n * tops[0][1] * full[0] * full[1]
 
 
-def _conv_window(spec: LayerSpec, geos: list[Geo], shapes: list[Shape]) -> Geo:
+def conv_window(spec: LayerSpec, geos: list[Geo], shapes: list[Shape]) -> Geo:
     c = spec.cfg
     return kernel_window(geos[0], c["kernel"], c["stride"], c["pad"], c["dilation"])
 
@@ -222,10 +229,10 @@ def _deconv_window(spec: LayerSpec, geos: list[Geo], shapes: list[Shape]) -> Geo
     raise ValueError(f"{spec.name}: receptive fields through Deconvolution are not supported")
 
 
-for _t, _win in (("Convolution", _conv_window), ("Deconvolution", _deconv_window)):
-    _add(name=_t, read=_read_conv, out_shapes=_conv_shapes, param_shapes=_conv_params,
-         forward=_conv, forward_nhwc=_conv_nhwc, window=_win, workspace=_conv_workspace,
-         valid_sizes=lambda spec, vs: [_conv_sizes(spec, vs[0])])
+for _t, _win in (("Convolution", conv_window), ("Deconvolution", _deconv_window)):
+    add_builtin(name=_t, read=_read_conv, out_shapes=_conv_shapes, param_shapes=_conv_params,
+                forward=_conv, forward_nhwc=_conv_nhwc, window=_win, workspace=conv_workspace,
+                valid_sizes=lambda spec, vs: [conv_sizes(spec, vs[0])])
 
 
 # ----------------------------------------------------------------------------- InnerProduct
@@ -237,7 +244,7 @@ def _read_ip(lp) -> dict:
         raise CaffeFormatError("num_output must be positive", layer=lp.name, field="num_output")
     return {"num_output": int(p.num_output), "bias_term": bool(p.bias_term),
             "axis": int(p.axis), "transpose": bool(p.transpose),
-            "weight_filler": _filler(p.weight_filler), "bias_filler": _filler(p.bias_filler)}
+            "weight_filler": filler_of(p.weight_filler), "bias_filler": filler_of(p.bias_filler)}
 
 
 def _ip_params(spec: LayerSpec, shapes: list[Shape]) -> dict:
@@ -275,8 +282,8 @@ def _whole_window(spec: LayerSpec, geos: list[Geo], shapes: list[Shape]) -> Geo:
     return whole(geos[0], shapes[0][2:]) if len(shapes[0]) == 4 else geos[0]
 
 
-_add(name="InnerProduct", read=_read_ip, out_shapes=_ip_shapes, param_shapes=_ip_params,
-     forward=_ip, forward_nhwc=_ip_nhwc, window=_whole_window, fast_any_rank=True)
+add_builtin(name="InnerProduct", read=_read_ip, out_shapes=_ip_shapes, param_shapes=_ip_params,
+            forward=_ip, forward_nhwc=_ip_nhwc, window=_whole_window, fast_any_rank=True)
 
 
 # ----------------------------------------------------------------------------- Pooling
@@ -291,16 +298,16 @@ def _read_pool(lp) -> dict:
     glob = bool(p.global_pooling)
     kernel = (0, 0)
     if not glob:
-        kernel = _hw([p.kernel_size] if p.HasField("kernel_size") else [], p.kernel_h,
-                     p.kernel_w, 0, p.HasField("kernel_h"), p.HasField("kernel_w"), "kernel",
-                     name)
+        kernel = read_pair([p.kernel_size] if p.HasField("kernel_size") else [], p.kernel_h,
+                           p.kernel_w, 0, p.HasField("kernel_h"), p.HasField("kernel_w"), "kernel",
+                           name)
         if min(kernel) <= 0:
             raise CaffeFormatError("kernel size must be positive", layer=name,
                                    field="kernel_size")
-    pad = _hw([p.pad], p.pad_h, p.pad_w, 0, p.HasField("pad_h"), p.HasField("pad_w"), "pad",
-              name)
-    stride = _hw([p.stride], p.stride_h, p.stride_w, 1, p.HasField("stride_h"),
-                 p.HasField("stride_w"), "stride", name)
+    pad = read_pair([p.pad], p.pad_h, p.pad_w, 0, p.HasField("pad_h"), p.HasField("pad_w"), "pad",
+                    name)
+    stride = read_pair([p.stride], p.stride_h, p.stride_w, 1, p.HasField("stride_h"),
+                       p.HasField("stride_w"), "stride", name)
     if min(stride) <= 0:
         raise CaffeFormatError("stride must be positive", layer=name, field="stride")
     if not glob and (pad[0] >= kernel[0] or pad[1] >= kernel[1]):
@@ -318,7 +325,7 @@ def _pool_sizes(spec: LayerSpec, hw: Sequence[Any]) -> tuple:
 
 def _pool_shapes(spec: LayerSpec, shapes: list[Shape]) -> list[Shape]:
     x = shapes[0]
-    _need_4d(spec, x)
+    need_4d(spec, x)
     if spec.cfg["global_pooling"]:
         return [(x[0], x[1], 1, 1)]
     hw = tuple(int(v) for v in _pool_sizes(spec, x[2:]))
@@ -366,9 +373,9 @@ def _pool_window(spec: LayerSpec, geos: list[Geo], shapes: list[Shape]) -> Geo:
     return kernel_window(geos[0], c["kernel"], c["stride"], c["pad"])
 
 
-_add(name="Pooling", read=_read_pool, out_shapes=_pool_shapes, forward=_pool,
-     forward_nhwc=_pool_nhwc, window=_pool_window, valid_sizes=_pool_valid,
-     workspace=_pool_workspace)
+add_builtin(name="Pooling", read=_read_pool, out_shapes=_pool_shapes, forward=_pool,
+            forward_nhwc=_pool_nhwc, window=_pool_window, valid_sizes=_pool_valid,
+            workspace=_pool_workspace)
 
 
 # ----------------------------------------------------------------------------- LRN
@@ -404,7 +411,7 @@ def _lrn_window(spec: LayerSpec, geos: list[Geo], shapes: list[Shape]) -> Geo:
 
 
 def _lrn_shapes(spec: LayerSpec, shapes: list[Shape]) -> list[Shape]:
-    _need_4d(spec, shapes[0])
+    need_4d(spec, shapes[0])
     return [shapes[0]]
 
 
@@ -416,9 +423,9 @@ def _lrn_workspace(spec: LayerSpec, shapes: list[Shape], tops: list[Shape]) -> i
     return n * ch * (h + pad) * (w + pad)
 
 
-_add(name="LRN", read=_read_lrn, out_shapes=_lrn_shapes, forward=_lrn,
-     forward_nhwc=_lrn_nhwc, window=_lrn_window, valid_sizes=_same_valid,
-     workspace=_lrn_workspace)
+add_builtin(name="LRN", read=_read_lrn, out_shapes=_lrn_shapes, forward=_lrn,
+            forward_nhwc=_lrn_nhwc, window=_lrn_window, valid_sizes=same_valid,
+            workspace=_lrn_workspace)
 
 
 # ----------------------------------------------------------------------------- element-wise
@@ -436,8 +443,8 @@ def _elementwise(name: str, read, fn, fast=None) -> None:
             return [Blob(nchw=fast(bl[0].nchw(), spec.cfg))]
         return [Blob(nhwc=fast(bl[0].nhwc(), spec.cfg))]
 
-    _add(name=name, read=read, forward=forward, forward_nhwc=forward_nhwc,
-         window=_same_window, valid_sizes=_same_valid, fast_any_rank=True)
+    add_builtin(name=name, read=read, forward=forward, forward_nhwc=forward_nhwc,
+                window=same_window, valid_sizes=same_valid, fast_any_rank=True)
 
 
 _elementwise("ReLU", lambda lp: {"negative_slope": float(lp.relu_param.negative_slope)},
@@ -491,14 +498,14 @@ def _dropout_nhwc(spec: LayerSpec, bl: list[Blob], p: Params, ctx: Context, vs: 
     return [Blob(nhwc=y)]
 
 
-_add(name="Dropout", read=lambda lp: {"ratio": float(lp.dropout_param.dropout_ratio)},
-     forward=_dropout, forward_nhwc=_dropout_nhwc, window=_same_window,
-     valid_sizes=_same_valid, fast_any_rank=True)
+add_builtin(name="Dropout", read=lambda lp: {"ratio": float(lp.dropout_param.dropout_ratio)},
+            forward=_dropout, forward_nhwc=_dropout_nhwc, window=same_window,
+            valid_sizes=same_valid, fast_any_rank=True)
 
 
 def _read_prelu(lp) -> dict:
     p = lp.prelu_param
-    filler = _filler(p.filler) if p.HasField("filler") else _constant(0.25)
+    filler = filler_of(p.filler) if p.HasField("filler") else constant_filler(0.25)
     return {"channel_shared": bool(p.channel_shared), "filler": filler}
 
 
@@ -525,9 +532,9 @@ def _prelu_nhwc(spec: LayerSpec, bl: list[Blob], p: Params, ctx: Context, vs: li
     return [Blob(nhwc=y) if nhwc else Blob(nchw=y)]
 
 
-_add(name="PReLU", read=_read_prelu, param_shapes=_prelu_params, forward=_prelu,
-     forward_nhwc=_prelu_nhwc, window=_same_window, valid_sizes=_same_valid,
-     fast_any_rank=True)
+add_builtin(name="PReLU", read=_read_prelu, param_shapes=_prelu_params, forward=_prelu,
+            forward_nhwc=_prelu_nhwc, window=same_window, valid_sizes=same_valid,
+            fast_any_rank=True)
 
 
 # ----------------------------------------------------------------------------- Softmax
@@ -548,10 +555,10 @@ def _softmax_window(spec: LayerSpec, geos: list[Geo], shapes: list[Shape]) -> Ge
     return geos[0]
 
 
-_add(name="Softmax", read=lambda lp: {"axis": int(lp.softmax_param.axis)},
-     forward=lambda spec, xs, p, ctx: [L.softmax(xs[0], spec.cfg["axis"])],
-     forward_nhwc=_softmax_nhwc, window=_softmax_window, valid_sizes=_same_valid,
-     bucketable=_channel_axis)
+add_builtin(name="Softmax", read=lambda lp: {"axis": int(lp.softmax_param.axis)},
+            forward=lambda spec, xs, p, ctx: [L.softmax(xs[0], spec.cfg["axis"])],
+            forward_nhwc=_softmax_nhwc, window=_softmax_window, valid_sizes=same_valid,
+            bucketable=_channel_axis)
 
 
 # ---------------------------------------------------------------------- BatchNorm, Scale, Bias
@@ -566,7 +573,7 @@ def _read_bn(lp) -> dict:
 
 def _bn_params(spec: LayerSpec, shapes: list[Shape]) -> dict:
     ch = shapes[0][1] if len(shapes[0]) > 1 else 1
-    zero = _constant(0.0)
+    zero = constant_filler(0.0)
     return {"mean": ((ch,), zero), "variance": ((ch,), zero), "scale_factor": ((1,), zero)}
 
 
@@ -594,21 +601,21 @@ def _bn_nhwc(spec: LayerSpec, bl: list[Blob], p: Params, ctx: Context, vs: list)
     return [Blob(nhwc=(x - mu) / jnp.sqrt(var + spec.cfg["eps"]))]
 
 
-_add(name="BatchNorm", read=_read_bn, param_shapes=_bn_params, forward=_bn,
-     forward_nhwc=_bn_nhwc, window=_same_window, valid_sizes=_same_valid,
-     bucketable=lambda spec: spec.cfg["use_global_stats"] is not False)
+add_builtin(name="BatchNorm", read=_read_bn, param_shapes=_bn_params, forward=_bn,
+            forward_nhwc=_bn_nhwc, window=same_window, valid_sizes=same_valid,
+            bucketable=lambda spec: spec.cfg["use_global_stats"] is not False)
 
 
 def _read_scale(lp) -> dict:
     p = lp.scale_param
-    filler = _filler(p.filler) if p.HasField("filler") else _constant(1.0)
+    filler = filler_of(p.filler) if p.HasField("filler") else constant_filler(1.0)
     return {"axis": int(p.axis), "num_axes": int(p.num_axes), "bias_term": bool(p.bias_term),
-            "filler": filler, "bias_filler": _filler(p.bias_filler)}
+            "filler": filler, "bias_filler": filler_of(p.bias_filler)}
 
 
 def _read_bias(lp) -> dict:
     p = lp.bias_param
-    return {"axis": int(p.axis), "num_axes": int(p.num_axes), "filler": _filler(p.filler)}
+    return {"axis": int(p.axis), "num_axes": int(p.num_axes), "filler": filler_of(p.filler)}
 
 
 def _scale_params(spec: LayerSpec, shapes: list[Shape]) -> dict:
@@ -663,10 +670,10 @@ def _scale_window(spec: LayerSpec, geos: list[Geo], shapes: list[Shape]) -> Geo:
 
 
 for _t, _read in (("Scale", _read_scale), ("Bias", _read_bias)):
-    _add(name=_t, read=_read, param_shapes=_scale_params, forward=_scale,
-         forward_nhwc=_scale_nhwc, window=_scale_window, valid_sizes=_same_valid,
-         bucketable=lambda spec: len(spec.bottoms) == 1 and _channel_axis(spec),
-         bottoms=(1, 2))
+    add_builtin(name=_t, read=_read, param_shapes=_scale_params, forward=_scale,
+                forward_nhwc=_scale_nhwc, window=_scale_window, valid_sizes=same_valid,
+                bucketable=lambda spec: len(spec.bottoms) == 1 and _channel_axis(spec),
+                bottoms=(1, 2))
 
 
 # ----------------------------------------------------------------------------- several blobs
@@ -692,10 +699,10 @@ def _eltwise_shapes(spec: LayerSpec, shapes: list[Shape]) -> list[Shape]:
     return [shapes[0]]
 
 
-_add(name="Eltwise", read=lambda lp: {"operation": _enum_name(lp.eltwise_param, "operation"),
+add_builtin(name="Eltwise", read=lambda lp: {"operation": _enum_name(lp.eltwise_param, "operation"),
                                       "coeff": tuple(lp.eltwise_param.coeff)},
-     out_shapes=_eltwise_shapes, forward=_eltwise, forward_nhwc=_eltwise_nhwc,
-     window=_same_window, valid_sizes=_same_valid, bottoms=(2, None), fast_any_rank=True)
+            out_shapes=_eltwise_shapes, forward=_eltwise, forward_nhwc=_eltwise_nhwc,
+            window=same_window, valid_sizes=same_valid, bottoms=(2, None), fast_any_rank=True)
 
 
 def _read_concat(lp) -> dict:
@@ -724,13 +731,13 @@ def _concat_nhwc(spec: LayerSpec, bl: list[Blob], p: Params, ctx: Context, vs: l
 def _concat_window(spec: LayerSpec, geos: list[Geo], shapes: list[Shape]) -> Geo:
     if spec.cfg["axis"] % len(shapes[0]) not in (0, 1):
         raise ValueError(f"{spec.name}: spatial Concat is not supported")
-    return _same_window(spec, geos, shapes)
+    return same_window(spec, geos, shapes)
 
 
-_add(name="Concat", read=_read_concat, out_shapes=_concat_shapes,
-     forward=lambda spec, xs, p, ctx: [L.concat(xs, spec.cfg["axis"])],
-     forward_nhwc=_concat_nhwc, window=_concat_window, valid_sizes=_same_valid,
-     bucketable=_channel_axis, bottoms=(1, None))
+add_builtin(name="Concat", read=_read_concat, out_shapes=_concat_shapes,
+            forward=lambda spec, xs, p, ctx: [L.concat(xs, spec.cfg["axis"])],
+            forward_nhwc=_concat_nhwc, window=_concat_window, valid_sizes=same_valid,
+            bucketable=_channel_axis, bottoms=(1, None))
 
 
 def _read_slice(lp) -> dict:
@@ -766,18 +773,18 @@ def _slice_window(spec: LayerSpec, geos: list[Geo], shapes: list[Shape]) -> Geo:
     return geos[0]
 
 
-_add(name="Slice", read=_read_slice, out_shapes=_slice_shapes,
-     forward=lambda spec, xs, p, ctx: list(L.slice_blob(
+add_builtin(name="Slice", read=_read_slice, out_shapes=_slice_shapes,
+            forward=lambda spec, xs, p, ctx: list(L.slice_blob(
          xs[0], axis=spec.cfg["axis"], slice_points=spec.cfg["slice_points"],
          num_tops=len(spec.tops))),
-     window=_slice_window, tops=(1, None))
+            window=_slice_window, tops=(1, None))
 
-_add(name="Split", forward=lambda spec, xs, p, ctx: [xs[0]] * len(spec.tops),
-     forward_nhwc=lambda spec, bl, p, ctx, vs: [bl[0]] * len(spec.tops),
-     window=_same_window, valid_sizes=_same_valid, tops=(1, None), fast_any_rank=True)
+add_builtin(name="Split", forward=lambda spec, xs, p, ctx: [xs[0]] * len(spec.tops),
+            forward_nhwc=lambda spec, bl, p, ctx, vs: [bl[0]] * len(spec.tops),
+            window=same_window, valid_sizes=same_valid, tops=(1, None), fast_any_rank=True)
 
-_add(name="Silence", out_shapes=lambda spec, shapes: [], forward=lambda spec, xs, p, ctx: [],
-     window=_same_window, valid_sizes=lambda spec, vs: [], bottoms=(1, None), tops=(0, 0))
+add_builtin(name="Silence", out_shapes=lambda spec, shapes: [], forward=lambda spec, xs, p, ctx: [],
+            window=same_window, valid_sizes=lambda spec, vs: [], bottoms=(1, None), tops=(0, 0))
 
 
 # ----------------------------------------------------------------------------- reshaping
@@ -790,12 +797,12 @@ def _flatten_shapes(spec: LayerSpec, shapes: list[Shape]) -> list[Shape]:
     return [x[:a] + (math.prod(x[a:e + 1]),) + x[e + 1:]]
 
 
-_add(name="Flatten", read=lambda lp: {"axis": int(lp.flatten_param.axis),
+add_builtin(name="Flatten", read=lambda lp: {"axis": int(lp.flatten_param.axis),
                                       "end_axis": int(lp.flatten_param.end_axis)},
-     out_shapes=_flatten_shapes,
-     forward=lambda spec, xs, p, ctx: [L.flatten(xs[0], spec.cfg["axis"],
+            out_shapes=_flatten_shapes,
+            forward=lambda spec, xs, p, ctx: [L.flatten(xs[0], spec.cfg["axis"],
                                                  spec.cfg["end_axis"])],
-     window=_whole_window)
+            window=_whole_window)
 
 
 def _reshape_shapes(spec: LayerSpec, shapes: list[Shape]) -> list[Shape]:
@@ -819,11 +826,15 @@ def _reshape_shapes(spec: LayerSpec, shapes: list[Shape]) -> list[Shape]:
     return [tuple(x[:start]) + tuple(out) + tuple(x[end:])]
 
 
-_add(name="Reshape", read=lambda lp: {"shape": tuple(int(d) for d in lp.reshape_param.shape.dim),
-                                      "axis": int(lp.reshape_param.axis),
-                                      "num_axes": int(lp.reshape_param.num_axes)},
-     out_shapes=_reshape_shapes,
-     forward=lambda spec, xs, p, ctx: [L.reshape(xs[0], spec.cfg["shape"], spec.cfg["axis"],
+def _read_reshape(lp) -> dict:
+    p = lp.reshape_param
+    return {"shape": tuple(int(d) for d in p.shape.dim), "axis": int(p.axis),
+            "num_axes": int(p.num_axes)}
+
+
+add_builtin(name="Reshape", read=_read_reshape,
+            out_shapes=_reshape_shapes,
+            forward=lambda spec, xs, p, ctx: [L.reshape(xs[0], spec.cfg["shape"], spec.cfg["axis"],
                                                  spec.cfg["num_axes"])])
 
 
@@ -852,13 +863,13 @@ def _crop_window(spec: LayerSpec, geos: list[Geo], shapes: list[Shape]) -> Geo:
     return tuple(g)
 
 
-_add(name="Crop", read=lambda lp: {"axis": int(lp.crop_param.axis),
+add_builtin(name="Crop", read=lambda lp: {"axis": int(lp.crop_param.axis),
                                    "offset": tuple(int(o) for o in lp.crop_param.offset)},
-     out_shapes=_crop_shapes,
-     forward=lambda spec, xs, p, ctx: [L.crop(xs[0], xs[1].shape, axis=spec.cfg["axis"],
+            out_shapes=_crop_shapes,
+            forward=lambda spec, xs, p, ctx: [L.crop(xs[0], xs[1].shape, axis=spec.cfg["axis"],
                                               offset=spec.cfg["offset"])],
-     window=_crop_window, valid_sizes=_crop_valid,
-     bucketable=lambda spec: spec.cfg["axis"] % 4 != 0, bottoms=(2, 2))
+            window=_crop_window, valid_sizes=_crop_valid,
+            bucketable=lambda spec: spec.cfg["axis"] % 4 != 0, bottoms=(2, 2))
 
 
 def _read_argmax(lp) -> dict:
@@ -877,13 +888,13 @@ def _argmax_shapes(spec: LayerSpec, shapes: list[Shape]) -> list[Shape]:
     return [tuple(out)]
 
 
-_add(name="ArgMax", read=_read_argmax, out_shapes=_argmax_shapes,
-     forward=lambda spec, xs, p, ctx: [L.argmax(xs[0], axis=spec.cfg["axis"],
+add_builtin(name="ArgMax", read=_read_argmax, out_shapes=_argmax_shapes,
+            forward=lambda spec, xs, p, ctx: [L.argmax(xs[0], axis=spec.cfg["axis"],
                                                 top_k=spec.cfg["top_k"],
                                                 out_max_val=spec.cfg["out_max_val"])],
-     window=lambda spec, geos, shapes: (geos[0] if spec.cfg["axis"] in (1, -3)
+            window=lambda spec, geos, shapes: (geos[0] if spec.cfg["axis"] in (1, -3)
                                         else whole(geos[0], shapes[0][2:])),
-     valid_sizes=_same_valid, bucketable=lambda spec: spec.cfg["axis"] in (1, -3))
+            valid_sizes=same_valid, bucketable=lambda spec: spec.cfg["axis"] in (1, -3))
 
 
 # ----------------------------------------------------------------------------- losses
@@ -906,16 +917,16 @@ def _read_accuracy(lp) -> dict:
             "ignore_label": int(p.ignore_label) if p.HasField("ignore_label") else None}
 
 
-_add(name="SoftmaxWithLoss", read=_read_softmax_loss,
-     out_shapes=lambda spec, shapes: [()],
-     forward=lambda spec, xs, p, ctx: [losses.softmax_with_loss(
+add_builtin(name="SoftmaxWithLoss", read=_read_softmax_loss,
+            out_shapes=lambda spec, shapes: [()],
+            forward=lambda spec, xs, p, ctx: [losses.softmax_with_loss(
          xs[0], xs[1], axis=spec.cfg["axis"], ignore_label=spec.cfg["ignore_label"],
          normalization=spec.cfg["normalization"])],
-     bottoms=(2, 2))
-_add(name="Accuracy", read=_read_accuracy, out_shapes=lambda spec, shapes: [()],
-     forward=lambda spec, xs, p, ctx: [losses.accuracy(
+            bottoms=(2, 2))
+add_builtin(name="Accuracy", read=_read_accuracy, out_shapes=lambda spec, shapes: [()],
+            forward=lambda spec, xs, p, ctx: [losses.accuracy(
          xs[0], xs[1], top_k=spec.cfg["top_k"], axis=spec.cfg["axis"],
          ignore_label=spec.cfg["ignore_label"])],
-     bottoms=(2, 2))
+            bottoms=(2, 2))
 
 from . import fork_layers  # noqa: F401,E402  (layer types of Caffe forks)

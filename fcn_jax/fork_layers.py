@@ -35,8 +35,19 @@ from converters import CaffeFormatError
 
 from . import layers as L
 from . import nhwc as N
-from .builtin_layers import _add, _constant, _filler, _hw, _need_4d, _same_valid, _same_window
-from .layer_table import Context, Geo, LayerSpec, Shape, kernel_window, whole
+from .builtin_layers import (
+    add_builtin,
+    constant_filler,
+    conv_sizes,
+    conv_window,
+    conv_workspace,
+    filler_of,
+    need_4d,
+    read_kernel_geometry,
+    same_valid,
+    same_window,
+)
+from .layer_table import Context, Geo, LayerSpec, Shape, whole
 from .nhwc import Blob
 
 Params = Mapping[str, Any]
@@ -52,7 +63,7 @@ def _err(spec_or_name: LayerSpec | str, msg: str, field: str) -> CaffeFormatErro
 
 def _read_norm(lp) -> dict:
     p = lp.norm_param
-    filler = _filler(p.scale_filler) if p.HasField("scale_filler") else _constant(1.0)
+    filler = filler_of(p.scale_filler) if p.HasField("scale_filler") else constant_filler(1.0)
     return {"across_spatial": bool(p.across_spatial), "channel_shared": bool(p.channel_shared),
             "eps": float(p.eps), "filler": filler}
 
@@ -100,9 +111,9 @@ def _norm_window(spec: LayerSpec, geos: list[Geo], shapes: list[Shape]) -> Geo:
     return geos[0]
 
 
-_add(name="Normalize", read=_read_norm, param_shapes=_norm_params, forward=_norm,
-     forward_nhwc=_norm_nhwc, window=_norm_window, valid_sizes=_same_valid,
-     bucketable=lambda spec: not spec.cfg["across_spatial"])
+add_builtin(name="Normalize", read=_read_norm, param_shapes=_norm_params, forward=_norm,
+            forward_nhwc=_norm_nhwc, window=_norm_window, valid_sizes=same_valid,
+            bucketable=lambda spec: not spec.cfg["across_spatial"])
 
 
 # ----------------------------------------------------------------------------- Permute
@@ -135,9 +146,9 @@ def _permute_nhwc(spec: LayerSpec, bl: list[Blob], p: Params, ctx: Context, vs: 
     return [Blob(nchw=bl[0].nhwc())]  # NCHW permuted to (0, 2, 3, 1) is the NHWC array
 
 
-_add(name="Permute", read=_read_permute, out_shapes=_permute_shapes,
-     forward=lambda spec, xs, p, ctx: [jnp.transpose(xs[0], _permutation(spec, xs[0].ndim))],
-     forward_nhwc=_permute_nhwc)
+add_builtin(name="Permute", read=_read_permute, out_shapes=_permute_shapes,
+            forward=lambda spec, xs, p, ctx: [jnp.transpose(xs[0], _permutation(spec, xs[0].ndim))],
+            forward_nhwc=_permute_nhwc)
 
 
 # ----------------------------------------------------------------------------- PriorBox
@@ -242,7 +253,7 @@ def prior_boxes(cfg: Mapping[str, Any], feature_hw: Sequence[int], image_hw: Seq
 
 def _prior_shapes(spec: LayerSpec, shapes: list[Shape]) -> list[Shape]:
     x = shapes[0]
-    _need_4d(spec, x)
+    need_4d(spec, x)
     return [(1, 2, x[2] * x[3] * _num_priors(spec.cfg) * 4)]
 
 
@@ -253,8 +264,8 @@ def _prior(spec: LayerSpec, xs, p: Params, ctx: Context) -> list:
     return [jnp.asarray(prior_boxes(spec.cfg, xs[0].shape[2:], img), xs[0].dtype)]
 
 
-_add(name="PriorBox", read=_read_prior_box, out_shapes=_prior_shapes, forward=_prior,
-     bottoms=(1, 2))
+add_builtin(name="PriorBox", read=_read_prior_box, out_shapes=_prior_shapes, forward=_prior,
+            bottoms=(1, 2))
 
 
 # ----------------------------------------------------------------------------- DetectionOutput
@@ -437,8 +448,8 @@ def _det(spec: LayerSpec, xs, p: Params, ctx: Context) -> list:
     return [out, count] if len(spec.tops) > 1 else [out]
 
 
-_add(name="DetectionOutput", read=_read_detection_output, out_shapes=_det_shapes,
-     forward=_det, bottoms=(3, 3), tops=(1, 2))
+add_builtin(name="DetectionOutput", read=_read_detection_output, out_shapes=_det_shapes,
+            forward=_det, bottoms=(3, 3), tops=(1, 2))
 
 
 def caffe_detections(out: Any, num_images: int | None = None) -> np.ndarray:
@@ -461,11 +472,11 @@ def _relu6(x: Any, c: Mapping[str, Any]) -> Any:
     return jnp.minimum(jnp.maximum(x, 0), jnp.asarray(6, jnp.asarray(x).dtype))
 
 
-_add(name="ReLU6", forward=lambda spec, xs, p, ctx: [_relu6(xs[0], {})],
-     forward_nhwc=lambda spec, bl, p, ctx, vs: [
+add_builtin(name="ReLU6", forward=lambda spec, xs, p, ctx: [_relu6(xs[0], {})],
+            forward_nhwc=lambda spec, bl, p, ctx, vs: [
          Blob(nhwc=_relu6(bl[0].nhwc(), {})) if bl[0].has_nhwc
          else Blob(nchw=_relu6(bl[0].nchw(), {}))],
-     window=_same_window, valid_sizes=_same_valid, fast_any_rank=True)
+            window=same_window, valid_sizes=same_valid, fast_any_rank=True)
 
 
 def _read_shuffle(lp) -> dict:
@@ -491,36 +502,23 @@ def shuffle_channel(x: Any, group: int, axis: int = 1) -> Any:
     return jnp.swapaxes(y, axis, axis + 1).reshape(shp)
 
 
-_add(name="ShuffleChannel", read=_read_shuffle, out_shapes=_shuffle_shapes,
-     forward=lambda spec, xs, p, ctx: [shuffle_channel(xs[0], spec.cfg["group"])],
-     forward_nhwc=lambda spec, bl, p, ctx, vs: [
+add_builtin(name="ShuffleChannel", read=_read_shuffle, out_shapes=_shuffle_shapes,
+            forward=lambda spec, xs, p, ctx: [shuffle_channel(xs[0], spec.cfg["group"])],
+            forward_nhwc=lambda spec, bl, p, ctx, vs: [
          Blob(nhwc=shuffle_channel(bl[0].nhwc(), spec.cfg["group"], axis=3))],
-     window=_same_window, valid_sizes=_same_valid)
+            window=same_window, valid_sizes=same_valid)
 
 
 def _read_dw(lp) -> dict:
     """conv_dw_layer.cpp reads kernel/stride/pad/dilation like Convolution; num_output and
     group are not read (one output channel per input channel)."""
     p = lp.convolution_param
-    name = lp.name
-    kernel = _hw(list(p.kernel_size), p.kernel_h, p.kernel_w, 0, p.HasField("kernel_h"),
-                 p.HasField("kernel_w"), "kernel", name)
-    if min(kernel) <= 0:
-        raise _err(name, "kernel size must be positive", "kernel_size")
-    pad = _hw(list(p.pad), p.pad_h, p.pad_w, 0, p.HasField("pad_h"), p.HasField("pad_w"),
-              "pad", name)
-    stride = _hw(list(p.stride), p.stride_h, p.stride_w, 1, p.HasField("stride_h"),
-                 p.HasField("stride_w"), "stride", name)
-    dilation = _hw(list(p.dilation), 0, 0, 1, False, False, "dilation", name)
-    if min(stride) <= 0 or min(dilation) <= 0:
-        raise _err(name, "stride and dilation must be positive", "stride")
-    return {"bias_term": bool(p.bias_term), "kernel": kernel, "pad": pad, "stride": stride,
-            "dilation": dilation, "weight_filler": _filler(p.weight_filler),
-            "bias_filler": _filler(p.bias_filler)}
+    return {"bias_term": bool(p.bias_term), **read_kernel_geometry(p, lp.name),
+            "weight_filler": filler_of(p.weight_filler), "bias_filler": filler_of(p.bias_filler)}
 
 
 def _dw_params(spec: LayerSpec, shapes: list[Shape]) -> dict:
-    _need_4d(spec, shapes[0])
+    need_4d(spec, shapes[0])
     c, ch = spec.cfg, shapes[0][1]
     out = {"weight": ((ch, 1) + tuple(c["kernel"]), c["weight_filler"])}
     if c["bias_term"]:
@@ -528,16 +526,10 @@ def _dw_params(spec: LayerSpec, shapes: list[Shape]) -> dict:
     return out
 
 
-def _dw_sizes(spec: LayerSpec, hw: Sequence[Any]) -> tuple:
-    c = spec.cfg
-    return tuple(L.conv_output_size(v, k, s, q, d) for v, k, s, q, d in zip(
-        hw, c["kernel"], c["stride"], c["pad"], c["dilation"], strict=True))
-
-
 def _dw_shapes(spec: LayerSpec, shapes: list[Shape]) -> list[Shape]:
     x = shapes[0]
-    _need_4d(spec, x)
-    hw = _dw_sizes(spec, x[2:])
+    need_4d(spec, x)
+    hw = conv_sizes(spec, x[2:])
     if min(hw) <= 0:
         raise _err(spec, f"output size {hw} is not positive for bottom {x}", "kernel_size")
     return [(x[0], x[1]) + hw]
@@ -556,12 +548,9 @@ def _dw_nhwc(spec: LayerSpec, bl: list[Blob], p: Params, ctx: Context, vs: list)
                                   precision=ctx.precision, valid=vs[0]))]
 
 
-_add(name="ConvolutionDepthwise", read=_read_dw, out_shapes=_dw_shapes,
-     param_shapes=_dw_params, forward=_dw, forward_nhwc=_dw_nhwc,
-     window=lambda spec, geos, shapes: kernel_window(
-         geos[0], spec.cfg["kernel"], spec.cfg["stride"], spec.cfg["pad"],
-         spec.cfg["dilation"]),
-     valid_sizes=lambda spec, vs: [_dw_sizes(spec, vs[0])])
+add_builtin(name="ConvolutionDepthwise", read=_read_dw, out_shapes=_dw_shapes,
+            param_shapes=_dw_params, forward=_dw, forward_nhwc=_dw_nhwc, window=conv_window,
+            workspace=conv_workspace, valid_sizes=lambda spec, vs: [conv_sizes(spec, vs[0])])
 
 
 def _read_upsample(lp) -> dict:
@@ -578,13 +567,13 @@ def upsample_nearest(x: Any, scale: int, axes: tuple[int, int] = (2, 3)) -> Any:
 
 def _upsample_shapes(spec: LayerSpec, shapes: list[Shape]) -> list[Shape]:
     x, s = shapes[0], spec.cfg["scale"]
-    _need_4d(spec, x)
+    need_4d(spec, x)
     return [(x[0], x[1], x[2] * s, x[3] * s)]
 
 
-_add(name="Upsample", read=_read_upsample, out_shapes=_upsample_shapes,
-     forward=lambda spec, xs, p, ctx: [upsample_nearest(xs[0], spec.cfg["scale"])],
-     forward_nhwc=lambda spec, bl, p, ctx, vs: [
+add_builtin(name="Upsample", read=_read_upsample, out_shapes=_upsample_shapes,
+            forward=lambda spec, xs, p, ctx: [upsample_nearest(xs[0], spec.cfg["scale"])],
+            forward_nhwc=lambda spec, bl, p, ctx, vs: [
          Blob(nhwc=upsample_nearest(bl[0].nhwc(), spec.cfg["scale"], (1, 2)))])
 
 
@@ -606,7 +595,7 @@ def _read_interp(lp) -> dict:
 def _interp_out(spec: LayerSpec, shapes: list[Shape]) -> tuple[int, int]:
     """interp_layer.cpp ``Reshape``: the output (H, W)."""
     c = spec.cfg
-    _need_4d(spec, shapes[0])
+    need_4d(spec, shapes[0])
     eff = tuple(v + c["pad_beg"] + c["pad_end"] for v in shapes[0][2:])
     given = c["zoom"] is not None or c["shrink"] is not None or c["height"] is not None \
         or c["width"] is not None
@@ -662,12 +651,12 @@ def interp(x: Any, out_hw: Sequence[int], pad_beg: int = 0, pad_end: int = 0) ->
     return (1 - lh) * top + lh * bottom
 
 
-_add(name="Interp", read=_read_interp,
-     out_shapes=lambda spec, shapes: [tuple(shapes[0][:2]) + _interp_out(spec, shapes)],
-     forward=lambda spec, xs, p, ctx: [interp(
+add_builtin(name="Interp", read=_read_interp,
+            out_shapes=lambda spec, shapes: [tuple(shapes[0][:2]) + _interp_out(spec, shapes)],
+            forward=lambda spec, xs, p, ctx: [interp(
          xs[0], _interp_out(spec, [tuple(x.shape) for x in xs]), spec.cfg["pad_beg"],
          spec.cfg["pad_end"])],
-     bottoms=(1, 2))
+            bottoms=(1, 2))
 
 
 FORK_TYPES = ("Normalize", "Permute", "PriorBox", "DetectionOutput", "ReLU6", "ShuffleChannel",
