@@ -25,12 +25,14 @@ _LAZY = {
     "compiler_options": ("fcn_jax.xla", "compiler_options"),
     "register_layer": ("fcn_jax.layer_table", "register_layer"),
     "jit": ("fcn_jax.xla", "jit"),
+    "get_solver": ("fcn_jax.solver", "get_solver"),
+    "Solver": ("fcn_jax.solver", "Solver"),
 }
 _SUBMODULES = frozenset({
     "assets", "builtin_layers", "caffenet", "cli", "commands", "data", "demo", "dense",
     "export", "fork_layers", "images", "inference", "io_utils", "layer_table", "layers",
-    "losses", "net", "netdef", "nhwc", "predict", "preprocess", "surgery", "train", "viz",
-    "xla"})
+    "losses", "net", "netdef", "nhwc", "predict", "preprocess", "solver", "surgery", "train",
+    "viz", "xla"})
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from converters import load_caffe
@@ -38,6 +40,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .caffenet import CAFFENET_WIDTHS, CaffeNet, caffenet_prototxt
     from .layer_table import register_layer
     from .net import CaffeGraph
+    from .solver import Solver, get_solver
     from .xla import compiler_options, jit
 
 
@@ -58,6 +61,6 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY) | _SUBMODULES)
 
 
-__all__ = ["CAFFENET_WIDTHS", "CaffeGraph", "CaffeNet", "__version__", "caffenet_prototxt",
-           "compiler_options", "imagenet_labels", "jit", "load_caffe", "register_layer",
-           "tutorial_file"]
+__all__ = ["CAFFENET_WIDTHS", "CaffeGraph", "CaffeNet", "Solver", "__version__",
+           "caffenet_prototxt", "compiler_options", "get_solver", "imagenet_labels", "jit",
+           "load_caffe", "register_layer", "tutorial_file"]

@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "fcn_jax.commands.surgery",   # fcn, demo
     "fcn_jax.commands.predict",   # predict
     "fcn_jax.commands.finetune",  # finetune
+    "fcn_jax.commands.train",     # train (a Caffe solver.prototxt)
     "fcn_jax.commands.deploy",    # export
 )
 
