@@ -328,8 +328,7 @@ def test_update_rule_vs_float64_numpy(name):
     mults = tree(lr_mult), tree(decay_mult)
     tx = S.caffe_update(sp, *mults)
     w64 = [rng.normal(0, 0.5, s).astype(np.float32).astype(np.float64) for s in shapes]
-    h64 = [np.zeros(s) for s in shapes]
-    h264 = [np.zeros(s) for s in shapes] if spec.type in ("AdaDelta", "Adam") else None
+    second = spec.type in ("AdaDelta", "Adam")
     w = tree([jnp.asarray(x, jnp.float32) for x in w64])
     state = tx.init(w)
     cs = 0
@@ -341,7 +340,7 @@ def test_update_rule_vs_float64_numpy(name):
         wf = [np.asarray(w[l][b], np.float64) for l, b in names]
         hf = [np.asarray(state.history[l][b], np.float64) for l, b in names]
         h2f = ([np.asarray(state.history2[l][b], np.float64) for l, b in names]
-               if h264 is not None else None)
+               if second else None)
         ref_w, ref_h, ref_h2, cs = _np_apply_update(spec, it, cs, wf, g, hf, h2f, lr_mult,
                                                     decay_mult)
         upd, state = update(tree([jnp.asarray(x) for x in g]), state, w)
