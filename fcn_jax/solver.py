@@ -432,6 +432,54 @@ def _caffe_order(layer_type: str, blobs: Mapping[str, Any]) -> list[str]:
     return sorted(blobs, key=lambda b: rank.get(b, len(rank)))
 
 
+def batch_stat_layers(net) -> tuple[Any, tuple[tuple[str, str, float], ...]]:
+    """``(net', ((layer, bottom blob, moving_average_fraction), ...))`` for the TRAIN net's
+    BatchNorm layers that use batch statistics. ``net'`` is ``net`` with each such in-place
+    BatchNorm writing a renamed top (``x@layer``, and every later use of ``x`` renamed), so
+    that the blob it normalises stays readable: the solver updates Caffe's running sums from
+    it, as ``BatchNormLayer::Forward_cpu`` does in training."""
+    out = type(net)()
+    out.CopyFrom(net)
+    stats = []
+    rename: dict[str, str] = {}
+    for lp in out.layer:
+        for i, b in enumerate(lp.bottom):
+            lp.bottom[i] = rename.get(b, b)
+        for i, t in enumerate(lp.top):
+            lp.top[i] = rename.get(t, t)
+        p = lp.batch_norm_param
+        if lp.type == "BatchNorm" and not (p.HasField("use_global_stats")
+                                           and p.use_global_stats):
+            stats.append((lp.name, lp.bottom[0], float(_f32(p.moving_average_fraction))))
+            if lp.top[0] == lp.bottom[0]:
+                new = f"{lp.top[0]}@{lp.name}"
+                rename[lp.top[0]] = new
+                lp.top[0] = new
+    return out, tuple(stats)
+
+
+def _update_batch_stats(params: Params, blobs: Mapping[str, Array],
+                        stats: tuple[tuple[str, str, float], ...]) -> Params:
+    """Caffe's running sums after one training forward: ``factor = maf * factor + 1``,
+    ``mean = batch mean + maf * mean``, ``variance = m/(m-1) * batch variance + maf *
+    variance`` (m = values per channel)."""
+    if not stats:
+        return params
+    out = dict(params)
+    for layer, bottom, maf in stats:
+        x = jax.lax.stop_gradient(blobs[bottom]).astype(jnp.float32)
+        axes = (0,) + tuple(range(2, x.ndim))
+        mean = jnp.mean(x, axis=axes)
+        var = jnp.mean(jnp.square(x - mean.reshape((1, -1) + (1,) * (x.ndim - 2))), axis=axes)
+        m = x.size // max(x.shape[1] if x.ndim > 1 else 1, 1)
+        corr = _f32(m) / _f32(m - 1) if m > 1 else _f32(1)
+        f = jnp.float32(maf)
+        p = params[layer]
+        out[layer] = {"mean": mean + f * p["mean"], "variance": jnp.float32(corr) * var
+                      + f * p["variance"], "scale_factor": f * p["scale_factor"] + 1}
+    return out
+
+
 def _check_sharing(net, path: PathLike) -> None:
     owners: dict[str, str] = {}
     for lp in net.layer:
@@ -586,8 +634,8 @@ class Solver:
         _check_sharing(self.train_net_param, self._train_path)
         self._sources = _open_sources(self.train_net_param, "TRAIN", self.seed,
                                       self._train_path)
-        self.net: CaffeGraph = build_module(self.train_net_param, phase="TRAIN",
-                                            path=self._train_path)
+        run_net, self.batch_stats = batch_stat_layers(self.train_net_param)
+        self.net: CaffeGraph = build_module(run_net, phase="TRAIN", path=self._train_path)
         shapes = self._source_shapes(self._sources)
         self.params: Params = filler_params(self.net, shapes, self._key)
         self.lr_mults, self.decay_mults = param_multipliers(self.train_net_param, self.params)
@@ -596,7 +644,7 @@ class Solver:
         if not self.loss_weights:
             raise CaffeFormatError("the train net has no loss (no *Loss layer, no loss_weight)",
                                    path=self._train_path, field="loss_weight")
-        self.outputs = net_outputs(self.train_net_param)
+        self.outputs = net_outputs(run_net)
         self.test_net_params = [n for n, _ in tests]
         self._test_paths = [p for _, p in tests]
         self._test_sources = [_open_sources(n, "TEST", self.seed, p) for n, p in tests]
@@ -613,7 +661,8 @@ class Solver:
         self.state: CaffeSolverState = self._place(self.tx.init(self.params))
         self._step_fn = jax.jit(functools.partial(
             _train_step, module=self.net, tx=self.tx, loss_weights=tuple(
-                sorted(self.loss_weights.items())), outputs=tuple(self.outputs)))
+                sorted(self.loss_weights.items())), outputs=tuple(self.outputs),
+            batch_stats=self.batch_stats))
         self.lr = float("nan")
         self.smoothed_loss = float("nan")
         self._losses: list[float] = []
@@ -966,25 +1015,29 @@ class Solver:
 
 def _train_step(params: Params, state: CaffeSolverState, batches: Mapping[str, Array],
                 key: Array, *, module: CaffeGraph, tx: optax.GradientTransformation,
-                loss_weights: tuple[tuple[str, float], ...], outputs: tuple[str, ...]
+                loss_weights: tuple[tuple[str, float], ...], outputs: tuple[str, ...],
+                batch_stats: tuple[tuple[str, str, float], ...] = ()
                 ) -> tuple[Params, CaffeSolverState, Array, dict[str, Array]]:
     """One Caffe iteration: ``iter_size`` forward/backward passes (gradients summed, loss
-    averaged), then the update. ``batches``: each input with a leading iter_size axis."""
+    averaged; BatchNorm running sums updated by each forward), then the update.
+    ``batches``: each input with a leading iter_size axis."""
     n = next(iter(batches.values())).shape[0]
+    watch = tuple(b for _, b, _ in batch_stats)
 
     def objective(p, batch, k):
         blobs = module.apply({"params": p}, batch, train=True, rngs={"dropout": k})
         loss = sum((jnp.float32(w) * jnp.sum(blobs[t]) for t, w in loss_weights),
                    jnp.float32(0))
-        return loss, {o: blobs[o] for o in outputs}
+        return loss, ({o: blobs[o] for o in outputs}, {b: blobs[b] for b in watch})
 
     grads = None
     total = jnp.float32(0)
     outs: dict[str, Array] = {}
     for i in range(n):
         batch = {k: v[i] for k, v in batches.items()}
-        (loss, outs), g = jax.value_and_grad(objective, has_aux=True)(
+        (loss, (outs, seen)), g = jax.value_and_grad(objective, has_aux=True)(
             params, batch, jax.random.fold_in(key, i))
+        params = _update_batch_stats(params, seen, batch_stats)
         grads = g if grads is None else jax.tree_util.tree_map(jnp.add, grads, g)
         total = total + loss
     updates, state = tx.update(grads, state, params)

@@ -497,3 +497,50 @@ def test_solverstate_bytes_equal_caffes():
         assert solverstate_bytes(st.iter, st.learned_net, st.current_step,
                                  hist) == path.read_bytes()
         assert isinstance(st, type(caffe_pb2.SolverState()))
+
+
+BN_NET = """
+name: "bn"
+layer { name: "data" type: "Input" top: "data" top: "label"
+  input_param { shape { dim: 6 dim: 3 } shape { dim: 6 } } }
+layer { name: "ip1" type: "InnerProduct" bottom: "data" top: "h"
+  inner_product_param { num_output: 4 weight_filler { type: "gaussian" std: 1 }
+                        bias_filler { type: "constant" value: 0.5 } } }
+layer { name: "bn" type: "BatchNorm" bottom: "h" top: "h"
+  batch_norm_param { moving_average_fraction: 0.9 } }
+layer { name: "ip2" type: "InnerProduct" bottom: "h" top: "s"
+  inner_product_param { num_output: 3 weight_filler { type: "gaussian" std: 1 } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "s" bottom: "label" top: "loss" }
+"""
+
+
+def test_batchnorm_running_sums_follow_caffe(tmp_path, monkeypatch):
+    """A TRAIN BatchNorm (in place) normalises with batch statistics and updates Caffe's
+    running sums in each forward (iter_size 2: twice per iteration); its blobs are frozen
+    (lr_mult 0) but still decayed into the AdaGrad history, as Caffe does."""
+    monkeypatch.chdir(tmp_path)
+    path = _write(tmp_path, 'net: "tv.prototxt" type: "AdaGrad" base_lr: 0.1 '
+                  'lr_policy: "fixed" weight_decay: 0.01 iter_size: 2 random_seed: 1', BN_NET)
+    rng = np.random.default_rng(1)
+    xs = [rng.normal(size=(6, 3)).astype(np.float32) for _ in range(4)]
+    y = np.array([0, 1, 2, 1, 0, 2], np.float32)
+    feed = iter([{"data": x, "label": y} for x in xs])
+    with S.get_solver(path) as s:
+        assert s.lr_mults["bn"] == {"mean": 0.0, "variance": 0.0, "scale_factor": 0.0}
+        s.set_feed(lambda: next(feed))
+        mean, var, factor = np.zeros(4), np.zeros(4), 0.0
+        hist = np.zeros(4)
+        for it in range(2):
+            w = np.asarray(s.params["ip1"]["weight"], np.float64)
+            b = np.asarray(s.params["ip1"]["bias"], np.float64)
+            for x in xs[2 * it: 2 * it + 2]:
+                h = x @ w.T + b
+                mean = h.mean(0) + 0.9 * mean
+                var = 6 / 5 * h.var(0) + 0.9 * var
+                factor = 0.9 * factor + 1
+            s.step(1)
+            np.testing.assert_allclose(s.params["bn"]["mean"], mean, rtol=1e-5)
+            np.testing.assert_allclose(s.params["bn"]["variance"], var, rtol=1e-5)
+            np.testing.assert_allclose(s.params["bn"]["scale_factor"], [factor], rtol=1e-6)
+            hist = hist + (0.01 * mean) ** 2
+            np.testing.assert_allclose(s.state.history["bn"]["mean"], hist, rtol=1e-4)
