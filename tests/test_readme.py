@@ -97,6 +97,9 @@ def test_readme_python_examples_run(predict_output, capsys):
     assert np.isfinite(float(ns["loss"]))
     # the annotation example writes what fine-tuning reads
     assert ns["data"].read_annotations("annotations.jsonl")[1][1].shape == (2, 5)
+    # the solver block: 4 Caffe steps, a snapshot Caffe's way, restored
+    assert ns["step_losses"][0] == pytest.approx(1.704949, rel=1e-6)
+    assert ns["resumed"].iter == 4 and ns["snap_state"] == "solver_iter_4.solverstate"
     # the predict reader example reads what predict wrote
     assert "maps/000000.npz (9, 7) [9, 7]" in capsys.readouterr().out
 
@@ -128,5 +131,12 @@ layer { name: "prob" type: "Softmax" bottom: "score" top: "prob" }
     assert main(["convert", str(mini_deploy), str(mini_model), "-o", "model.safetensors"]) == 0
     assert main(["export", str(mini_deploy), str(mini_model), "-o", "net.jaxexport",
                  "--input-size", "227", "227"]) == 0
+    # what the solver block reads: the Caffe solver reference in the current directory
+    import shutil
+
+    solvers = DATA / "solvers"
+    for name in ("train.prototxt", "data.h5", "data_list.txt", "init.caffemodel"):
+        shutil.copy(solvers / name, tmp_path / name)
+    shutil.copy(solvers / "01_sgd_fixed" / "solver.prototxt", tmp_path / "solver.prototxt")
     assert main(["predict", str(proto), str(tmp_path / "fcn.caffemodel"), "--dir", "images",
                  "--out", "preds", "--dense", "--save-blob", "--no-progress"]) == 0
