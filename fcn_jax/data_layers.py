@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from converters import files
-from converters.caffe_io import read_file, resolve_memory_budget
+from converters.caffe_io import resolve_memory_budget
 from converters.errors import CaffeFormatError
 from converters.mean import load_mean
 from converters.proto import caffe_pb2
@@ -87,20 +87,15 @@ def _mean_values(tp, channels: int) -> np.ndarray | None:
     return np.array(values * channels if len(values) == 1 else values, dtype=np.float32)
 
 
-def transform_chw(values: np.ndarray, tp, *, phase: str = "TRAIN",
-                  mean: np.ndarray | None = None,
-                  rng: np.random.Generator | None = None) -> np.ndarray:
-    """Caffe's ``DataTransformer::Transform`` on one record in CHW order (a raw ``Datum``:
-    uint8 ``data`` or float32 ``float_data``): crop (TRAIN: random offsets, TEST: the centre
-    ``(H - crop) / 2``), ``(value - mean) * scale`` in float32 with the mean cropped by the same
-    window (``mean``: the mean_file blob, (C, H, W)) or one ``mean_value`` per channel, then a
-    mirror (width flipped) with probability 1/2 when ``mirror``. ``rng`` draws the mirror coin
-    first, then the row and column offsets, as Caffe does; it is needed only when ``mirror``
-    is set or a TRAIN crop is taken. Returns (C, crop or H, crop or W) float32."""
+def _apply(values: np.ndarray, layout: str, tp, phase: str, mean: np.ndarray | None,
+           rng: np.random.Generator | None, out: np.ndarray | None = None) -> np.ndarray:
+    """``transform_chw`` / ``transform`` on an array in ``layout`` ("CHW" or "HWC"), written
+    into ``out`` (a batch's slot) when given."""
     _phase(phase)
     if values.ndim != 3:
-        raise ValueError(f"expected a (C, H, W) array, got shape {values.shape}")
-    channels, height, width = values.shape
+        raise ValueError(f"expected a ({', '.join(layout)}) array, got shape {values.shape}")
+    hwc = layout == "HWC"
+    height, width, channels = values.shape if hwc else values.shape[1:] + values.shape[:1]
     crop = int(tp.crop_size)
     if channels <= 0:
         raise DataLayerError("a record with 0 channels", field="channels")
@@ -114,13 +109,14 @@ def transform_chw(values: np.ndarray, tp, *, phase: str = "TRAIN",
         raise ValueError("transform_param has a mean_file: pass its blob as mean= "
                          "(read_transform_mean reads it)")
     mean_values = _mean_values(tp, channels)
-    if mean is not None and mean.shape != values.shape:
+    if mean is not None and tuple(mean.shape) != (channels, height, width):
         raise DataLayerError(f"mean of shape {tuple(mean.shape)} does not match the image's "
-                             f"{values.shape} (Caffe needs equal channels, height, width)",
-                             field="transform_param.mean_file")
+                             f"{(channels, height, width)} (Caffe needs equal channels, height, "
+                             f"width)", field="transform_param.mean_file")
     needs_rand = tp.mirror or (crop and phase == "TRAIN")
     if needs_rand and rng is None:
         raise ValueError("mirror or a TRAIN crop needs rng= (a numpy Generator)")
+    # Caffe's order of draws: the mirror coin, then the row offset, then the column offset
     do_mirror = bool(tp.mirror) and bool(rng.integers(2))
     h_off = w_off = 0
     out_h, out_w = height, width
@@ -132,16 +128,45 @@ def transform_chw(values: np.ndarray, tp, *, phase: str = "TRAIN",
         else:
             h_off = (height - crop) // 2
             w_off = (width - crop) // 2
-    window = (slice(None), slice(h_off, h_off + out_h), slice(w_off, w_off + out_w))
-    x = values[window].astype(np.float32)
-    if mean is not None:
-        x = x - np.asarray(mean, dtype=np.float32)[window]
-    elif mean_values is not None:
-        x = x - mean_values[:, None, None]
-    x = x * np.float32(tp.scale)
+    rows, cols = slice(h_off, h_off + out_h), slice(w_off, w_off + out_w)
+    # float32 throughout, one operation at a time as Caffe's loop: (value - mean) * scale
+    if hwc:
+        x = values[rows, cols].astype(np.float32)
+        if mean is not None:
+            np.subtract(x, np.asarray(mean, np.float32)[:, rows, cols].transpose(1, 2, 0), out=x)
+        elif mean_values is not None:
+            np.subtract(x, mean_values, out=x)
+        np.multiply(x, np.float32(tp.scale), out=x)
+        x = x.transpose(2, 0, 1)
+    else:
+        x = values[:, rows, cols].astype(np.float32)
+        if mean is not None:
+            np.subtract(x, np.asarray(mean, np.float32)[:, rows, cols], out=x)
+        elif mean_values is not None:
+            np.subtract(x, mean_values[:, None, None], out=x)
+        np.multiply(x, np.float32(tp.scale), out=x)
     if do_mirror:
         x = x[:, :, ::-1]
+    if out is not None:
+        if out.shape != x.shape:
+            raise DataLayerError(f"record gives {x.shape}, the batch's first gave {out.shape}")
+        np.copyto(out, x)
+        return out
     return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def transform_chw(values: np.ndarray, tp, *, phase: str = "TRAIN",
+                  mean: np.ndarray | None = None,
+                  rng: np.random.Generator | None = None) -> np.ndarray:
+    """Caffe's ``DataTransformer::Transform`` on one record in CHW order (a raw ``Datum``:
+    uint8 ``data`` or float32 ``float_data``): crop (TRAIN: random offsets, TEST: the centre
+    ``(H - crop) / 2``), ``(value - mean) * scale`` in float32 with the mean cropped by the same
+    window (``mean``: the mean_file blob, (C, H, W)) or one ``mean_value`` per channel, then a
+    mirror (width flipped) with probability 1/2 when ``mirror``, in either phase. ``rng``
+    draws the mirror coin first, then the row and column offsets, as Caffe does; it is needed
+    only when ``mirror`` is set or a TRAIN crop is taken. Returns (C, crop or H, crop or W)
+    float32."""
+    return _apply(np.asarray(values), "CHW", tp, phase, mean, rng)
 
 
 def transform(image: np.ndarray, tp, *, phase: str = "TRAIN", mean: np.ndarray | None = None,
@@ -154,9 +179,7 @@ def transform(image: np.ndarray, tp, *, phase: str = "TRAIN", mean: np.ndarray |
         raise DataLayerError(f"image data type must be unsigned byte, got {image.dtype}")
     if image.ndim == 2:
         image = image[:, :, None]
-    if image.ndim != 3:
-        raise ValueError(f"expected an (H, W, C) image, got shape {image.shape}")
-    return transform_chw(image.transpose(2, 0, 1), tp, phase=phase, mean=mean, rng=rng)
+    return _apply(image, "HWC", tp, phase, mean, rng)
 
 
 def read_transform_mean(tp, *, path: str | None = None) -> np.ndarray | None:
@@ -184,6 +207,21 @@ def _out_shape(shape_chw: tuple[int, int, int], tp) -> tuple[int, int, int]:
         raise DataLayerError(f"image {height}x{width} is smaller than crop_size {crop}",
                              field="transform_param.crop_size")
     return (channels, crop, crop) if crop else (channels, height, width)
+
+
+def _read_source(path: str) -> bytes:
+    """A list file's bytes, bounded: a regular file only (a FIFO never blocks), its size
+    checked against the memory budget before reading."""
+    budget = resolve_memory_budget()
+    try:
+        with files.open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > budget:
+                raise DataLayerError(f"file of {size} bytes exceeds the memory budget of "
+                                     f"{budget} bytes", path=path)
+            return bytes(files.read_exactly(f, size))
+    except OSError as e:
+        raise DataLayerError(f"cannot read: {e.strerror or e}", path=path) from None
 
 
 # ----------------------------------------------------------------------------- base
@@ -371,8 +409,8 @@ class HDF5DataSource(BatchSource):
 
     def _read_list(self, source: str) -> bytes:
         try:
-            return bytes(read_file(source))
-        except CaffeFormatError as e:
+            return _read_source(source)
+        except DataLayerError as e:
             raise self._error(e.reason, path=source, field="hdf5_data_param.source") from None
 
     def _load(self, filename: str) -> None:
@@ -476,6 +514,10 @@ def _as_hwc(img: np.ndarray) -> np.ndarray:
     return img[:, :, None] if img.ndim == 2 else img
 
 
+def _chw_shape(hwc: np.ndarray) -> tuple[int, int, int]:
+    return (hwc.shape[2], hwc.shape[0], hwc.shape[1])
+
+
 class _Transformer:
     """A layer's ``DataTransformer``: its parameters, its mean and its phase."""
 
@@ -500,9 +542,10 @@ class _Transformer:
                                  f"{tuple(shape_chw)}", field="transform_param.mean_file")
         return _out_shape(shape_chw, self.tp)
 
-    def apply_chw(self, values: np.ndarray, rng: Callable[[], np.random.Generator]):
-        return transform_chw(values, self.tp, phase=self.phase, mean=self.mean,
-                             rng=rng() if self.needs_rand else None)
+    def apply(self, values: np.ndarray, layout: str, rng: Callable[[], np.random.Generator],
+              out: np.ndarray) -> np.ndarray:
+        return _apply(values, layout, self.tp, self.phase, self.mean,
+                      rng() if self.needs_rand else None, out)
 
 
 def _parse_list(data: bytes, error: Callable[[str, int], Exception],
@@ -604,14 +647,14 @@ class ImageDataSource(BatchSource):
                                   field="image_data_param.rand_skip")
             self._cursor = skip
         first = self._read(int(self._order[self._cursor]))
-        c, h, w = self._tf.out_shape(_as_hwc(first).transpose(2, 0, 1).shape)
+        c, h, w = self._tf.out_shape(_chw_shape(_as_hwc(first)))
         self._shapes = {self.tops[0]: (self.batch_size, c, h, w),
                         self.tops[1]: (self.batch_size,)}
 
     def _parse(self, source: str) -> None:
         try:
-            data = bytes(read_file(source))
-        except CaffeFormatError as e:
+            data = _read_source(source)
+        except DataLayerError as e:
             raise self._error(e.reason, path=source, field="image_data_param.source") from None
         starts, cuts, labels = _parse_list(data, lambda message, line: self._error(
             message, path=source, field=f"line {line}"))
@@ -659,9 +702,9 @@ class ImageDataSource(BatchSource):
     def _build(self, records: list, first: int) -> dict[str, np.ndarray]:
         data = None
         for i, index in enumerate(records):
-            chw = _as_hwc(self._read(index)).transpose(2, 0, 1)
+            hwc = _as_hwc(self._read(index))
             try:
-                shape = self._tf.out_shape(chw.shape)
+                shape = self._tf.out_shape(_chw_shape(hwc))
             except DataLayerError as e:
                 raise self._error(e.reason, path=self._source, field=f"line {index + 1}") \
                     from None
@@ -671,7 +714,7 @@ class ImageDataSource(BatchSource):
                 raise self._error(f"image gives {shape}, the batch's first image gave "
                                   f"{data.shape[1:]} (set crop_size or new_height/new_width)",
                                   path=self._source, field=f"line {index + 1}")
-            data[i] = self._tf.apply_chw(chw, lambda i=i: self._rng(first + i))
+            self._tf.apply(hwc, "HWC", lambda i=i: self._rng(first + i), data[i])
         labels = self._labels[np.array(records)].astype(np.float32)
         return {self.tops[0]: data, self.tops[1]: labels}
 
@@ -720,7 +763,8 @@ class LMDBDataSource(BatchSource):
             for _ in range(skip):
                 self._next_key()
         key, value = self._cursor.item()
-        c, h, w = self._tf.out_shape(self._values(key, value)[0].shape)
+        values, layout, _ = self._values(key, value)
+        c, h, w = self._tf.out_shape(_chw_shape(values) if layout == "HWC" else values.shape)
         self._shapes = {self.tops[0]: (self.batch_size, c, h, w)}
         if len(self.tops) == 2:
             self._shapes[self.tops[1]] = (self.batch_size,)
@@ -754,9 +798,10 @@ class LMDBDataSource(BatchSource):
         if not self._cursor.next():
             self._cursor.first()
 
-    def _values(self, key: bytes, value: bytes) -> tuple[np.ndarray, int]:
-        """The Datum at ``key`` as (C, H, W) (uint8 for images and raw bytes, float32 for
-        float_data) and its label."""
+    def _values(self, key: bytes, value: bytes) -> tuple[np.ndarray, str, int]:
+        """The Datum at ``key``: its values (an encoded image as OpenCV decodes it, (H, W, C)
+        uint8; raw ``data`` (C, H, W) uint8; ``float_data`` (C, H, W) float32), their layout
+        and the label."""
         where = f"key {key[:80]!r}"
         datum = caffe_pb2.Datum()
         try:
@@ -775,7 +820,7 @@ class LMDBDataSource(BatchSource):
             if img.dtype != np.uint8:
                 raise self._error(f"image data type must be unsigned byte, got {img.dtype}",
                                   path=self._source, field=where)
-            return _as_hwc(img).transpose(2, 0, 1), datum.label
+            return _as_hwc(img), "HWC", datum.label
         c, h, w = datum.channels, datum.height, datum.width
         if c <= 0 or h <= 0 or w <= 0:
             raise self._error(f"channels x height x width = {c} x {h} x {w}: each must be "
@@ -785,12 +830,12 @@ class LMDBDataSource(BatchSource):
             if len(datum.data) != count:
                 raise self._error(f"data holds {len(datum.data)} bytes but {c} x {h} x {w} "
                                   f"needs {count}", path=self._source, field=where)
-            return np.frombuffer(datum.data, dtype=np.uint8).reshape(c, h, w), datum.label
+            return np.frombuffer(datum.data, np.uint8).reshape(c, h, w), "CHW", datum.label
         if len(datum.float_data) != count:
             raise self._error(f"float_data holds {len(datum.float_data)} values but "
                               f"{c} x {h} x {w} needs {count}", path=self._source, field=where)
         values = np.fromiter(datum.float_data, dtype=np.float32, count=count)
-        return values.reshape(c, h, w), datum.label
+        return values.reshape(c, h, w), "CHW", datum.label
 
     def _take(self) -> list:
         records = []
@@ -803,9 +848,10 @@ class LMDBDataSource(BatchSource):
         data = None
         labels = np.empty(len(records), dtype=np.float32)
         for i, (key, value) in enumerate(records):
-            chw, labels[i] = self._values(key, value)
+            values, layout, labels[i] = self._values(key, value)
             try:
-                shape = self._tf.out_shape(chw.shape)
+                shape = self._tf.out_shape(_chw_shape(values) if layout == "HWC"
+                                           else values.shape)
             except DataLayerError as e:
                 raise self._error(e.reason, path=self._source, field=f"key {key[:80]!r}") \
                     from None
@@ -815,7 +861,7 @@ class LMDBDataSource(BatchSource):
                 raise self._error(f"record gives {shape}, the batch's first gave "
                                   f"{data.shape[1:]}", path=self._source,
                                   field=f"key {key[:80]!r}")
-            data[i] = self._tf.apply_chw(chw, lambda i=i: self._rng(first + i))
+            self._tf.apply(values, layout, lambda i=i: self._rng(first + i), data[i])
         out = {self.tops[0]: data}
         if len(self.tops) == 2:
             out[self.tops[1]] = labels

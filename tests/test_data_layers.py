@@ -206,17 +206,23 @@ def test_transform_mean_file_is_cropped_with_the_image_and_one_mean_value_replic
                                                   mean_values=[100, 100]), rtol=0)
 
 
-def test_transform_train_crops_and_mirrors_every_way_with_caffes_distribution():
+@pytest.mark.parametrize("layout", ["CHW", "HWC"])
+def test_transform_train_crops_and_mirrors_every_way_with_caffes_distribution(layout):
     """TRAIN: the window is one of the (H - crop + 1) x (W - crop + 1) placements, mirrored or
     not; over many draws every placement and both mirror states occur."""
     chw = RNG.integers(0, 256, (3, 6, 5), dtype=np.uint8)
     tp = tparam("crop_size: 3 mirror: true scale: 2 mean_value: 7")
+    if layout == "CHW":
+        fn = D.transform_chw
+    else:
+        def fn(x, tp, **kw):
+            return D.transform(np.ascontiguousarray(x.transpose(1, 2, 0)), tp, **kw)
     candidates = {(h, w, m): caffe_formula(chw, h_off=h, w_off=w, crop=3, mean_values=[7] * 3,
                                            scale=2.0, mirror=m)
                   for h in range(4) for w in range(3) for m in (False, True)}
     seen = []
     for seed in range(400):
-        out = D.transform_chw(chw, tp, phase="TRAIN", rng=np.random.default_rng(seed))
+        out = fn(chw, tp, phase="TRAIN", rng=np.random.default_rng(seed))
         hits = [k for k, ref in candidates.items() if np.array_equal(out, ref)]
         assert len(hits) == 1
         seen.append(hits[0])
@@ -224,7 +230,7 @@ def test_transform_train_crops_and_mirrors_every_way_with_caffes_distribution():
     counts = np.array([seen.count(k) for k in candidates])
     assert counts.min() > 400 / 24 * 0.3                 # roughly uniform
     # TEST mirrors too (Caffe mirrors in every phase) but crops at the centre
-    outs = {D.transform_chw(chw, tp, phase="TEST", rng=np.random.default_rng(s)).tobytes()
+    outs = {fn(chw, tp, phase="TEST", rng=np.random.default_rng(s)).tobytes()
             for s in range(40)}
     assert outs == {candidates[(1, 1, False)].astype(np.float32).tobytes(),
                     candidates[(1, 1, True)].astype(np.float32).tobytes()}
