@@ -430,7 +430,10 @@ class HDF5DataSource(BatchSource):
         with f:
             rows = None
             for top in self.tops:
-                ds = f.get(top)
+                try:
+                    ds = f.get(top)
+                except (KeyError, OSError, RuntimeError, ValueError):
+                    ds = None
                 if not isinstance(ds, h5py.Dataset):
                     raise self._error(f"no dataset {top!r} for top {top!r}", path=filename,
                                       field=top)
@@ -456,7 +459,7 @@ class HDF5DataSource(BatchSource):
                                       path=filename, field=top)
                 try:
                     arrays[top] = np.asarray(ds[()], dtype=np.float32)
-                except OSError as e:
+                except (OSError, RuntimeError, ValueError, TypeError) as e:
                     raise self._error(f"cannot read dataset {top!r}: {e}", path=filename,
                                       field=top) from None
         if not rows:
@@ -540,6 +543,7 @@ class _Transformer:
         if self.mean is not None and self.mean.shape != tuple(shape_chw):
             raise DataLayerError(f"mean of shape {self.mean.shape} does not match the image's "
                                  f"{tuple(shape_chw)}", field="transform_param.mean_file")
+        _mean_values(self.tp, shape_chw[0])
         return _out_shape(shape_chw, self.tp)
 
     def apply(self, values: np.ndarray, layout: str, rng: Callable[[], np.random.Generator],
@@ -646,8 +650,13 @@ class ImageDataSource(BatchSource):
                 raise self._error(f"not enough lines ({n}) to skip {skip}", path=p.source,
                                   field="image_data_param.rand_skip")
             self._cursor = skip
-        first = self._read(int(self._order[self._cursor]))
-        c, h, w = self._tf.out_shape(_chw_shape(_as_hwc(first)))
+        index = int(self._order[self._cursor])
+        try:
+            c, h, w = self._tf.out_shape(_chw_shape(_as_hwc(self._read(index))))
+        except DataLayerError as e:
+            if e.layer is not None:
+                raise
+            raise self._error(e.reason, path=self._source, field=f"line {index + 1}") from None
         self._shapes = {self.tops[0]: (self.batch_size, c, h, w),
                         self.tops[1]: (self.batch_size,)}
 
@@ -758,13 +767,23 @@ class LMDBDataSource(BatchSource):
                               field="data_param.force_encoded_color")
         self._source = p.source
         self._open(p.source)
-        if p.rand_skip:
-            skip = int(np.random.default_rng([self._seed, _STREAM_SKIP]).integers(p.rand_skip))
-            for _ in range(skip):
-                self._next_key()
-        key, value = self._cursor.item()
-        values, layout, _ = self._values(key, value)
-        c, h, w = self._tf.out_shape(_chw_shape(values) if layout == "HWC" else values.shape)
+        try:
+            if p.rand_skip:
+                skip = int(np.random.default_rng([self._seed, _STREAM_SKIP])
+                           .integers(p.rand_skip))
+                for _ in range(skip):
+                    self._next_key()
+            key, value = self._cursor.item()
+            values, layout, _ = self._values(key, value)
+            try:
+                c, h, w = self._tf.out_shape(_chw_shape(values) if layout == "HWC"
+                                             else values.shape)
+            except DataLayerError as e:
+                raise self._error(e.reason, path=self._source, field=f"key {key[:80]!r}") \
+                    from None
+        except BaseException:
+            self._release()
+            raise
         self._shapes = {self.tops[0]: (self.batch_size, c, h, w)}
         if len(self.tops) == 2:
             self._shapes[self.tops[1]] = (self.batch_size,)

@@ -535,10 +535,40 @@ def test_open_data_layer_refuses_other_types():
     assert frozenset({"HDF5Data", "ImageData", "Data"}) == D.DATA_LAYER_TYPES
 
 
-def test_mean_file_with_the_wrong_shape_is_refused(tmp_path):
+@pytest.mark.parametrize("transform,message", [
+    ("MEAN", "key b'a': mean of shape"),
+    ("mean_value: 1 mean_value: 2", "key b'a': 2 mean_value for 3 channels"),
+    ("crop_size: 5", "key b'a': image 4x4 is smaller than crop_size 5"),
+])
+def test_transform_params_that_do_not_fit_the_first_record_are_refused_at_open(
+        tmp_path, transform, message):
     write_mean(tmp_path / "m.binaryproto", np.zeros((3, 5, 5), np.float32))
     write_lmdb(tmp_path / "db", [(b"a", raw_datum(np.zeros((3, 4, 4), np.uint8), 0))])
-    with pytest.raises(CaffeFormatError, match="mean of shape"):
-        D.open_data_layer(data_layer(tmp_path / "db", 1,
-                                     f'mean_file: "{tmp_path / "m.binaryproto"}"'))
+    transform = transform.replace("MEAN", f'mean_file: "{tmp_path / "m.binaryproto"}"')
+    with pytest.raises(CaffeFormatError, match=message) as e:
+        D.open_data_layer(data_layer(tmp_path / "db", 1, transform))
+    assert "layer 'd'" in str(e.value)
 
+
+
+def test_hdf5_shuffle_permutes_files_and_rows_within_each_file(tmp_path):
+    """Caffe shuffles the file order and the rows of each file, never mixing files: every
+    pass over the files reads each file's rows together, each row once."""
+    names = []
+    for k, n in enumerate((3, 5, 4)):
+        names.append(tmp_path / f"{k}.h5")
+        write_h5(names[-1], x=np.zeros((n, 1), np.float32),
+                 y=np.arange(10 * k, 10 * k + n, dtype=np.float32))
+    lp = hdf5_layer(tmp_path, names, 4, shuffle=True)
+    with D.open_data_layer(lp, seed=11) as src:
+        stream = np.concatenate([src.next()["y"] for _ in range(12)]).astype(int)  # 4 passes
+    with D.open_data_layer(lp, seed=11, workers=1, prefetch=1) as src:
+        again = np.concatenate([src.next()["y"] for _ in range(12)]).astype(int)
+    np.testing.assert_array_equal(stream, again)
+    passes = stream.reshape(4, 12)
+    for p in passes:
+        assert sorted(p) == sorted(list(range(3)) + list(range(10, 15)) + list(range(20, 24)))
+        files_in_order = [v // 10 for v in p]
+        blocks = [f for i, f in enumerate(files_in_order) if i == 0 or f != files_in_order[i - 1]]
+        assert sorted(blocks) == [0, 1, 2]         # each file's rows contiguous
+    assert len({tuple(p) for p in passes}) > 1     # reshuffled between passes
