@@ -10,10 +10,11 @@ Records are decoded and transformed in worker threads ahead of the consumer (a b
 of ``prefetch`` batches, ``workers`` threads); ``next()`` returns them strictly in Caffe's
 order whatever the threads' timing, and ``close()`` stops the threads.
 
-Randomness (TRAIN shuffles, random crops, mirroring, ``rand_skip``) is deterministic from
-``seed`` and has Caffe's distributions (uniform crop offsets in ``[0, H - crop]``, a fair coin
-for mirroring, uniform permutations), but it does **not** reproduce Caffe's boost/std RNG
-streams bit for bit: the same seed gives the same batches here, not Caffe's batches. Each
+Randomness (shuffles, TRAIN random crops, mirroring, ImageData's ``rand_skip``) is
+deterministic from ``seed`` and has Caffe's distributions (uniform crop offsets in
+``[0, H - crop]``, a fair coin for mirroring, uniform permutations), but it does **not**
+reproduce Caffe's boost/std RNG streams bit for bit: the same seed gives the same batches
+here, not Caffe's batches. Each
 record's draws depend only on the seed and the record's position in the stream, so they do not
 depend on thread timing, and ``skip(n)`` lands exactly where ``n`` calls of ``next()`` would.
 
@@ -27,6 +28,7 @@ import collections
 import concurrent.futures
 import os
 import re
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -740,8 +742,8 @@ class LMDBDataSource(BatchSource):
     uint8 ``data`` (CHW) or ``float_data``; an encoded one holds an image file, decoded as
     Caffe's ``DecodeDatumToCVMatNative`` (``cv::imdecode`` unchanged) or, with
     ``transform_param.force_color`` / ``force_gray`` (or ``data_param.force_encoded_color``,
-    pre-1.0 Caffe's spelling), in color / grayscale. ``rand_skip`` starts at a random record
-    below it (pre-1.0 Caffe's DataLayer; it wraps)."""
+    in color / grayscale. ``data_param.rand_skip`` and ``force_encoded_color`` are ignored
+    with a warning, as Caffe 1.0's DataLayer ignores them (pre-1.0 fields)."""
 
     def __init__(self, lp, *, phase: str, seed: int, prefetch: int, workers: int,
                  path: str | None):
@@ -760,19 +762,16 @@ class LMDBDataSource(BatchSource):
                               field="data_param.backend")
         self._tf = _Transformer(lp, phase, path)
         tp = self._tf.tp
-        self._force = ("color" if tp.force_color or p.force_encoded_color
-                       else "gray" if tp.force_gray else None)
-        if tp.force_gray and p.force_encoded_color:
-            raise self._error("cannot set both force_encoded_color and force_gray",
-                              field="data_param.force_encoded_color")
+        self._force = "color" if tp.force_color else "gray" if tp.force_gray else None
+        for name, instead in (("rand_skip", "every record is read from the first key"),
+                              ("force_encoded_color", "use transform_param.force_color")):
+            if getattr(p, name):
+                where = f"{path}: " if path else ""
+                warnings.warn(f"{where}layer {lp.name!r}: data_param.{name} is ignored, as "
+                              f"Caffe 1.0's Data layer ignores it ({instead})", stacklevel=4)
         self._source = p.source
         self._open(p.source)
         try:
-            if p.rand_skip:
-                skip = int(np.random.default_rng([self._seed, _STREAM_SKIP])
-                           .integers(p.rand_skip))
-                for _ in range(skip):
-                    self._next_key()
             key, value = self._cursor.item()
             values, layout, _ = self._values(key, value)
             try:
@@ -906,7 +905,8 @@ def open_data_layer(lp, *, phase: str = "TRAIN", seed: int | None = None, prefet
     ``DATA_LAYER_TYPES``). Relative paths in the layer are relative to the current
     directory, as in Caffe; ``path`` (the prototxt) only names the net in errors. ``seed``
     (the solver's ``random_seed``; None: ``DEFAULT_SEED``) drives shuffles, random crops,
-    mirrors and ``rand_skip``, deterministically but not with Caffe's RNG streams."""
+    mirrors and ImageData's ``rand_skip``, deterministically but not with Caffe's RNG
+    streams."""
     _phase(phase)
     if lp.type not in _SOURCES:
         raise DataLayerError(f"type {lp.type!r} is not a data layer read here (types: "

@@ -372,17 +372,18 @@ def test_lmdb_missing_empty_and_leveldb_are_refused(tmp_path):
         D.open_data_layer(data_layer(tmp_path / "empty", 1, extra="scale: 2"))
 
 
-def test_lmdb_rand_skip_starts_below_it_and_wraps(tmp_path):
-    write_lmdb(tmp_path / "db", [(b"%d" % i, raw_datum(np.zeros((1, 1, 1), np.uint8), i))
-                                 for i in range(4)])
-    starts = set()
-    for seed in range(30):
-        with D.open_data_layer(data_layer(tmp_path / "db", 4, extra="rand_skip: 7"),
-                               seed=seed) as src:
-            labels = src.next()["label"].astype(int).tolist()
-        assert labels == [(labels[0] + i) % 4 for i in range(4)]
-        starts.add(labels[0])
-    assert starts == {0, 1, 2, 3}
+def test_lmdb_pre_1_0_fields_are_ignored_with_a_warning_as_caffe_1_0_does(tmp_path):
+    """Caffe 1.0's DataLayer reads from the first key whatever rand_skip says (the field is
+    deprecated) and decodes by transform_param's force_color/force_gray only."""
+    gray = RNG.integers(0, 256, (3, 3), dtype=np.uint8)
+    write_lmdb(tmp_path / "db", [(b"%d" % i, png_datum(gray, i)) for i in range(4)])
+    lp = data_layer(tmp_path / "db", 4, extra="rand_skip: 7 force_encoded_color: true")
+    for seed in range(3):
+        with pytest.warns(UserWarning) as caught, D.open_data_layer(lp, seed=seed) as src:
+            got = src.next()
+        assert sorted(str(w.message).split(": ")[1].split()[0] for w in caught) == [
+            "data_param.force_encoded_color", "data_param.rand_skip"]
+        assert got["label"].tolist() == [0, 1, 2, 3] and got["data"].shape == (4, 1, 3, 3)
 
 
 # ----------------------------------------------------------------------------- ImageData
