@@ -573,3 +573,36 @@ def test_hdf5_shuffle_permutes_files_and_rows_within_each_file(tmp_path):
         blocks = [f for i, f in enumerate(files_in_order) if i == 0 or f != files_in_order[i - 1]]
         assert sorted(blocks) == [0, 1, 2]         # each file's rows contiguous
     assert len({tuple(p) for p in passes}) > 1     # reshuffled between passes
+
+
+def test_data_layer_schema_is_caffes():
+    """Field numbers and defaults against BVLC caffe.proto, and a Datum written byte by byte
+    as Caffe's C++ protobuf writes it (float_data unpacked: proto2's default)."""
+    def numbers(msg):
+        return {f.name: f.number for f in msg.DESCRIPTOR.fields}
+    assert numbers(caffe_pb2.Datum) == {"channels": 1, "height": 2, "width": 3, "data": 4,
+                                        "label": 5, "float_data": 6, "encoded": 7}
+    assert numbers(caffe_pb2.DataParameter) == {
+        "source": 1, "batch_size": 4, "rand_skip": 7, "backend": 8, "scale": 2,
+        "mean_file": 3, "crop_size": 5, "mirror": 6, "force_encoded_color": 9, "prefetch": 10}
+    assert numbers(caffe_pb2.ImageDataParameter) == {
+        "source": 1, "batch_size": 4, "rand_skip": 7, "shuffle": 8, "new_height": 9,
+        "new_width": 10, "is_color": 11, "scale": 2, "mean_file": 3, "crop_size": 5,
+        "mirror": 6, "root_folder": 12}
+    assert numbers(caffe_pb2.HDF5DataParameter) == {"source": 1, "batch_size": 2, "shuffle": 3}
+    assert numbers(caffe_pb2.TransformationParameter) == {
+        "scale": 1, "mirror": 2, "crop_size": 3, "mean_file": 4, "mean_value": 5,
+        "force_color": 6, "force_gray": 7}
+    dp, ip, tp = (caffe_pb2.DataParameter(), caffe_pb2.ImageDataParameter(),
+                  caffe_pb2.TransformationParameter())
+    assert (dp.backend, dp.prefetch, dp.scale, dp.rand_skip) == (caffe_pb2.DataParameter.LEVELDB,
+                                                                 4, 1.0, 0)
+    assert (ip.batch_size, ip.is_color, ip.root_folder, ip.shuffle) == (1, True, "", False)
+    assert (tp.scale, tp.mirror, tp.crop_size) == (1.0, False, 0)
+    assert caffe_pb2.Datum().encoded is False
+    wire = (b"\x08\x02\x10\x01\x18\x01"          # channels 2, height 1, width 1
+            b"\x28\x07"                          # label 7
+            b"\x35" + np.float32(1.5).tobytes() + b"\x35" + np.float32(-2).tobytes())
+    d = caffe_pb2.Datum.FromString(wire)
+    assert (d.channels, d.height, d.width, d.label, list(d.float_data)) == (2, 1, 1, 7,
+                                                                            [1.5, -2.0])
