@@ -8,8 +8,10 @@ reachable, ``skip`` equal to ``next``).
 
 from __future__ import annotations
 
+import struct
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -258,6 +260,16 @@ def write_lmdb(path, records):
     env.close()
 
 
+def png_bomb(height, width):
+    """A PNG whose header claims height x width RGB pixels, with almost no pixel data."""
+    def chunk(kind, body):
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0,
+                                                              0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 100)) + chunk(b"IEND", b""))
+
+
 def raw_datum(chw, label):
     c, h, w = chw.shape
     return caffe_pb2.Datum(channels=c, height=h, width=w, data=chw.tobytes(),
@@ -352,6 +364,8 @@ def test_lmdb_errors_are_raised_at_the_batch_that_holds_the_bad_record(tmp_path)
     (caffe_pb2.Datum(data=b"not an image", encoded=True).SerializeToString(),
      "cannot decode"),
     (caffe_pb2.Datum(data=b"", encoded=True).SerializeToString(), "cannot decode"),
+    (caffe_pb2.Datum(data=png_bomb(30000, 30000), encoded=True).SerializeToString(),
+     "cannot decode"),
 ])
 def test_lmdb_hostile_datums_name_the_key(tmp_path, value, message):
     write_lmdb(tmp_path / "db", [(b"evil", value)])
