@@ -620,3 +620,19 @@ def test_data_layer_schema_is_caffes():
     d = caffe_pb2.Datum.FromString(wire)
     assert (d.channels, d.height, d.width, d.label, list(d.float_data)) == (2, 1, 1, 7,
                                                                             [1.5, -2.0])
+
+
+def test_v1_data_layers_move_their_transform_fields_as_caffe_upgrades_them(tmp_path):
+    """upgrade_proto.cpp's UpgradeNetDataTransformation: a V1 DATA layer's scale, mean_file,
+    crop_size and mirror become transform_param's; the layer then reads as a V2 one."""
+    chw = RNG.integers(0, 256, (3, 6, 6), dtype=np.uint8)
+    write_lmdb(tmp_path / "db", [(b"a", raw_datum(chw, 4))])
+    net = parse_prototxt(f'layers {{ name: "d" type: DATA top: "data" top: "label" data_param {{ '
+                         f'source: "{tmp_path / "db"}" batch_size: 1 backend: LMDB scale: 0.5 '
+                         f'crop_size: 4 mirror: false }} }}')
+    lp = net.layer[0]
+    assert (lp.type, lp.transform_param.scale, lp.transform_param.crop_size) == ("Data", 0.5, 4)
+    assert not lp.data_param.HasField("scale") and lp.transform_param.HasField("mirror")
+    with D.open_data_layer(lp, phase="TEST") as src:
+        np.testing.assert_allclose(src.next()["data"][0],
+                                   caffe_formula(chw, h_off=1, w_off=1, crop=4, scale=0.5))
