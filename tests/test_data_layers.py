@@ -518,24 +518,29 @@ def test_imagedata_bad_image_mid_stream_fails_at_its_batch(tmp_path, monkeypatch
 
 
 def test_prefetch_keeps_caffes_order_whatever_the_workers_timing(tmp_path, monkeypatch):
-    """Later batches finish first (earlier ones sleep longer); next() still returns them in
-    order, and close() stops every worker."""
+    """Later batches finish first (each batch of a group of 4 waits for the next one to
+    finish); next() still returns them in order, and close() stops every worker."""
     write_h5(tmp_path / "a.h5", x=np.arange(40, dtype=np.float32)[:, None],
              y=np.arange(40, dtype=np.float32))
     lp = hdf5_layer(tmp_path, [tmp_path / "a.h5"], 2)
     build = D.HDF5DataSource._build
     finished = []
+    done = [threading.Event() for _ in range(13)]
 
     def slow_build(self, records, first):
-        time.sleep(0.04 * (4 - (first // 2) % 4))
-        finished.append(first // 2)
-        return build(self, records, first)
+        b = first // 2
+        if b % 4 != 3:
+            done[b + 1].wait(timeout=5)
+        out = build(self, records, first)
+        finished.append(b)
+        done[b].set()
+        return out
 
     monkeypatch.setattr(D.HDF5DataSource, "_build", slow_build)
     src = D.open_data_layer(lp, workers=4, prefetch=4)
     got = [src.next()["y"].tolist() for _ in range(12)]
     assert got == [[2 * b, 2 * b + 1] for b in range(12)]
-    assert finished[:4] != sorted(finished[:4])   # the threads did finish out of order
+    assert finished[:4] == [3, 2, 1, 0]           # the threads did finish out of order
     assert len(data_threads()) > 1
     src.close()
     src.close()
@@ -636,3 +641,19 @@ def test_v1_data_layers_move_their_transform_fields_as_caffe_upgrades_them(tmp_p
     with D.open_data_layer(lp, phase="TEST") as src:
         np.testing.assert_allclose(src.next()["data"][0],
                                    caffe_formula(chw, h_off=1, w_off=1, crop=4, scale=0.5))
+
+
+def test_a_source_dropped_without_close_stops_its_threads(tmp_path):
+    import gc
+
+    write_h5(tmp_path / "a.h5", x=np.zeros((6, 1), np.float32), y=np.zeros(6, np.float32))
+    src = D.open_data_layer(hdf5_layer(tmp_path, [tmp_path / "a.h5"], 2), workers=3)
+    src.next()
+    assert data_threads()
+    del src
+    gc.collect()
+    for _ in range(100):
+        if not data_threads():
+            break
+        time.sleep(0.02)
+    assert not data_threads()
