@@ -303,7 +303,20 @@ def _upgrade_v1_layer(v1, pb, path: PathLike):
     for field, value in v1.ListFields():
         if field.name.endswith("_param") and field.name in layer.DESCRIPTOR.fields_by_name:
             getattr(layer, field.name).CopyFrom(value)
+    # Caffe's UpgradeNetDataTransformation: a V1 data layer's scale, mean_file, crop_size and
+    # mirror move into transform_param
+    data_param = _V1_TRANSFORM_PARAMS.get(enum_name)
+    if data_param is not None and layer.HasField(data_param):
+        old = getattr(layer, data_param)
+        for name in ("scale", "mean_file", "crop_size", "mirror"):
+            if old.HasField(name):
+                setattr(layer.transform_param, name, getattr(old, name))
+                old.ClearField(name)
     return layer
+
+
+_V1_TRANSFORM_PARAMS = {"DATA": "data_param", "IMAGE_DATA": "image_data_param",
+                        "WINDOW_DATA": "window_data_param"}
 
 
 # ----------------------------------------------------------------------------- phase
