@@ -544,3 +544,94 @@ def test_batchnorm_running_sums_follow_caffe(tmp_path, monkeypatch):
             np.testing.assert_allclose(s.params["bn"]["scale_factor"], [factor], rtol=1e-6)
             hist = hist + (0.01 * mean) ** 2
             np.testing.assert_allclose(s.state.history["bn"]["mean"], hist, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- whole recipes
+
+
+RECIPE = """
+name: "recipe"
+layer { name: "data" type: "Data" top: "data" top: "label" include { phase: TRAIN }
+  data_param { source: "train_lmdb" batch_size: 4 backend: LMDB }
+  transform_param { crop_size: 6 mirror: false mean_value: 100 scale: 0.02 } }
+layer { name: "data" type: "ImageData" top: "data" top: "label" include { phase: TEST }
+  image_data_param { source: "test.txt" batch_size: 3 new_height: 8 new_width: 8 }
+  transform_param { crop_size: 6 mean_file: "mean.binaryproto" scale: 0.02 } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+  convolution_param { num_output: 4 kernel_size: 3 weight_filler { type: "xavier" } } }
+layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }
+layer { name: "ip" type: "InnerProduct" bottom: "conv" top: "ip"
+  inner_product_param { num_output: 3 weight_filler { type: "xavier" } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }
+layer { name: "acc" type: "Accuracy" bottom: "ip" bottom: "label" top: "accuracy"
+  include { phase: TEST } }
+"""
+
+
+def test_train_val_recipe_lmdb_imagedata_accuracy(tmp_path, monkeypatch):
+    """A whole recipe: LMDB Datums (raw) with a TRAIN crop, an ImageData TEST net resized with
+    OpenCV, centre-cropped, mean file; Accuracy every test_interval over test_iter batches,
+    the TEST cursor going on between tests, the test net on the train net's current weights.
+    Each test's accuracy equals one computed here from the images with numpy."""
+    import cv2
+    import lmdb
+
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(3)
+    env = lmdb.open("train_lmdb", map_size=1 << 22)
+    with env.begin(write=True) as txn:
+        for i in range(8):
+            chw = rng.integers(0, 256, (3, 6, 6), dtype=np.uint8)
+            txn.put(f"{i:04d}".encode(), caffe_pb2.Datum(
+                channels=3, height=6, width=6, data=chw.tobytes(),
+                label=i % 3).SerializeToString())
+    env.close()
+    images, labels = [], []
+    lines = []
+    for i in range(5):
+        img = rng.integers(0, 256, (10 + i, 9, 3), dtype=np.uint8)
+        cv2.imwrite(f"t{i}.png", img)
+        images.append(img)
+        labels.append(i % 3)
+        lines.append(f"t{i}.png {i % 3}")
+    Path("test.txt").write_text("\n".join(lines) + "\n")
+    mean = rng.uniform(90, 110, (3, 8, 8)).astype(np.float32)
+    blob = caffe_pb2.BlobProto(num=1, channels=3, height=8, width=8)
+    blob.data.extend(mean.ravel().tolist())
+    Path("mean.binaryproto").write_bytes(blob.SerializeToString())
+    path = _write(tmp_path, 'net: "tv.prototxt" test_iter: 2 test_interval: 2 base_lr: 0.05 '
+                  'lr_policy: "fixed" momentum: 0.9 max_iter: 4 random_seed: 5 '
+                  'snapshot_after_train: false', RECIPE)
+    seen = []
+    with S.get_solver(path) as s:
+        orig = s.test
+
+        def test_and_check(i=0):
+            res = orig(i)
+            w = {k: {b: np.asarray(v, np.float64) for b, v in bl.items()}
+                 for k, bl in s.params.items()}
+            correct = []
+            for _ in range(2 * 3):          # test_iter x batch_size, the cursor going on
+                j = len(seen) % 5
+                seen.append(j)
+                x = cv2.resize(images[j], (8, 8), interpolation=cv2.INTER_LINEAR)
+                x = (x.transpose(2, 0, 1).astype(np.float32) - mean)[:, 1:7, 1:7] * 0.02
+                y = _np_forward(x.astype(np.float64), w)
+                correct.append(int(np.argmax(y)) == labels[j])
+            assert res["accuracy"] == pytest.approx(np.mean(correct), abs=1e-6)
+            return res
+
+        s.test = test_and_check
+        s.solve()
+        assert s.iter == 4 and len(seen) == 3 * 6     # tests at iterations 0, 2 and 4
+
+
+def _np_forward(x, w):
+    """conv 3x3 (valid) -> ReLU -> InnerProduct, float64, one CHW image."""
+    k, b = w["conv"]["weight"], w["conv"]["bias"]
+    out = np.zeros((k.shape[0], x.shape[1] - 2, x.shape[2] - 2))
+    for i in range(out.shape[1]):
+        for j in range(out.shape[2]):
+            out[:, i, j] = np.tensordot(k, x[:, i:i + 3, j:j + 3], 3) + b
+    h = np.maximum(out, 0).ravel()
+    return w["ip"]["weight"] @ h + w["ip"]["bias"]
