@@ -31,8 +31,8 @@ _LAZY = {
 _SUBMODULES = frozenset({
     "assets", "builtin_layers", "caffenet", "cli", "commands", "data", "demo", "dense",
     "export", "fork_layers", "images", "inference", "io_utils", "layer_table", "layers",
-    "losses", "net", "netdef", "nhwc", "predict", "preprocess", "solver", "surgery", "train",
-    "viz", "xla"})
+    "losses", "net", "netdef", "nhwc", "predict", "preprocess", "recipes", "solver", "surgery",
+    "train", "viz", "xla"})
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from converters import load_caffe

@@ -635,3 +635,48 @@ def _np_forward(x, w):
             out[:, i, j] = np.tensordot(k, x[:, i:i + 3, j:j + 3], 3) + b
     h = np.maximum(out, 0).ravel()
     return w["ip"]["weight"] @ h + w["ip"]["bias"]
+
+
+@pytest.mark.slow
+def test_sliding_window_recipe_runs_under_fcn_jax_train(tmp_path, monkeypatch, capsys):
+    """The tutorial's sliding-window fine-tuning as a Caffe recipe: its TEST net's
+    SoftmaxWithLoss over the score map (ignore 255, VALID) equals fcn-jax finetune's
+    sliding_window_loss on the same cells, its Accuracy the fraction of labelled cells
+    predicted right; `fcn-jax train` runs it and snapshots at the end."""
+    import h5py
+
+    from fcn_jax import data as D
+    from fcn_jax import losses
+    from fcn_jax.recipes import write_sliding_window_recipe
+
+    widths = (8, 16, 16, 16, 16, 16, 16)
+    ds = D.SyntheticDataset(6, seed=1, size=(300, 300))
+    val = D.SyntheticDataset(4, seed=2, size=(300, 300))
+    files = write_sliding_window_recipe(tmp_path / "recipe", ds, val, num_classes=4,
+                                        widths=widths, input_size=(259, 259), batch_size=2,
+                                        train_images=4, max_iter=2, test_interval=2,
+                                        display=1)
+    monkeypatch.chdir(tmp_path / "recipe")
+    with h5py.File(files["val.h5"]) as f:
+        vx, vy = f["data"][:], f["label"][:]
+    assert vx.shape == (4, 3, 259, 259) and vy.shape == (4, 1, 2, 2)
+    assert set(np.unique(vy)) <= {0, 1, 2, 3, 255}
+    with S.get_solver("solver.prototxt") as s:
+        res = s.test(0)
+        blobs = s.test_nets[0].apply({"params": s.test_params(0)},
+                                     {"data": vx[:2], "label": vy[:2]})
+        b2 = s.test_nets[0].apply({"params": s.test_params(0)},
+                                  {"data": vx[2:], "label": vy[2:]})
+        score = blobs["fc8-conv"]
+        want = np.mean([float(losses.sliding_window_loss(b["fc8-conv"], v[:, 0])[0])
+                        for b, v in ((blobs, vy[:2]), (b2, vy[2:]))])
+        assert res["loss"] == pytest.approx(want, rel=1e-5)
+        pred = np.asarray(score).argmax(1)
+        lab = vy[:2, 0]
+        keep = lab != 255
+        assert float(blobs["accuracy"]) == pytest.approx(
+            (pred[keep] == lab[keep]).mean() if keep.any() else 0.0)
+    assert cli(["train", "--solver", "solver.prototxt", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "Test net output #0: accuracy" in out and "Train net output #0: loss" in out
+    assert Path("sliding_window_iter_2.caffemodel").exists()
