@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         loss = F.cross_entropy(forward(tx, True), ty)
         loss.backward()
         opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     t0 = time.perf_counter()
     solver.step(1)

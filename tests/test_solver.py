@@ -680,3 +680,37 @@ def test_sliding_window_recipe_runs_under_fcn_jax_train(tmp_path, monkeypatch, c
     out = capsys.readouterr().out
     assert "Test net output #0: accuracy" in out and "Train net output #0: loss" in out
     assert Path("sliding_window_iter_2.caffemodel").exists()
+
+
+def test_data_parallel_over_two_devices_follows_caffe(solvers_dir):
+    """``devices=2`` (two host devices, in a child process): the batch of 8 split 4 + 4,
+    params and state replicated; still Caffe's trajectory within 1e-5."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import numpy as np, jax
+        from fcn_jax import solver as S
+        assert len(jax.devices()) == 2
+        tr = np.load("01_sgd_fixed/trajectory.npz")
+        with S.get_solver("01_sgd_fixed/solver.prototxt", devices=2) as s:
+            s.copy_from("init.caffemodel")
+            worst = 0.0
+            for t in range(3):
+                loss = s.step(1)[0]
+                assert abs(loss - tr["loss"][t]) <= 1e-5 * tr["loss"][t]
+                for l, b in s.learnable:
+                    ref = tr[f"{l}/{ {'weight': 0, 'bias': 1}[b]}"][t]
+                    worst = max(worst, np.abs(np.asarray(s.params[l][b]) - ref).max()
+                                / np.abs(ref).max())
+            assert len(s.params["conv1"]["weight"].sharding.device_set) == 2
+        print("worst", worst)
+        assert worst < 1e-5
+    """)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "worst" in out.stdout
