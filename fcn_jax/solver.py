@@ -32,6 +32,7 @@ import dataclasses
 import functools
 import math
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -627,6 +628,9 @@ class Solver:
                                    field="average_loss")
         self.spec = SolverSpec.from_proto(solver_param, path)
         self.log = log
+        if solver_param.debug_info:
+            warnings.warn(f"{path}: debug_info: Caffe's per-layer debug printout is not "
+                          "produced (it changes no numbers)", stacklevel=2)
         seed = int(solver_param.random_seed)
         self.seed = seed if seed >= 0 else None
         self._key = jax.random.PRNGKey(seed if seed >= 0 else 0)
@@ -652,6 +656,7 @@ class Solver:
         self._test_own = [self._own_params(m, s, i) for i, (m, s) in
                           enumerate(zip(self.test_nets, self._test_sources, strict=True))]
         self._test_fns: list[Callable | None] = [None] * len(self.test_nets)
+        self._loss_fn: Callable | None = None
         self.tx = caffe_update(self.spec, self.lr_mults, self.decay_mults)
         self.mesh = None
         if devices is not None:
@@ -876,7 +881,9 @@ class Solver:
 
     def solve(self, resume: PathLike | None = None) -> None:
         """Caffe's ``Solver::Solve``: restore ``resume`` if given, step to ``max_iter``,
-        snapshot at the end (``snapshot_after_train``), then a last test."""
+        snapshot at the end (``snapshot_after_train``), then (as Caffe) one more train forward
+        for the display (it reads a batch; BatchNorm sums are not updated by it) and a last
+        test."""
         sp = self.param
         if resume is not None:
             self.restore(resume)
@@ -886,6 +893,23 @@ class Solver:
         if self.requested_early_exit:
             self._say("Optimization stopped early.")
             return
+        if sp.display and self.iter % sp.display == 0:
+            # Caffe's Solve ends with one more train forward for the display (it reads a batch)
+            batch = self._shard(self._next(self._sources), 0)
+            if self._loss_fn is None:
+                weights = tuple(sorted(self.loss_weights.items()))
+                module = self.net
+
+                def loss_fn(params, batch, key):
+                    blobs = module.apply({"params": params}, batch, train=True,
+                                         rngs={"dropout": key})
+                    return sum((jnp.float32(w) * jnp.sum(blobs[t]) for t, w in weights),
+                               jnp.float32(0))
+                self._loss_fn = jax.jit(loss_fn)
+            key = jax.random.fold_in(self._key, -1 - self.iter)
+            self._update_smoothed(float(self._loss_fn(self.params, batch, key)),
+                                  len(self._losses))
+            self._say(f"Iteration {self.iter}, loss = {self.smoothed_loss:.6g}")
         if sp.test_interval and self.iter % sp.test_interval == 0 and self.test_nets:
             self.test_all()
         self._say("Optimization Done.")

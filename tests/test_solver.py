@@ -714,3 +714,36 @@ def test_data_parallel_over_two_devices_follows_caffe(solvers_dir):
                          env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "worst" in out.stdout
+
+
+def test_ctrl_c_snapshots_then_stops(solvers_dir):
+    """SIGINT during ``fcn-jax train`` (Caffe's default sigint_effect: stop): the iteration
+    in flight finishes, a snapshot is written, the run ends with status 0."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    Path("long.prototxt").write_text(
+        (REF / "01_sgd_fixed" / "solver.prototxt").read_text().replace(
+            "max_iter: 10", "max_iter: 100000").replace("display: 0", "display: 1")
+        + 'snapshot_prefix: "long"\n')
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.Popen([sys.executable, "-m", "fcn_jax.cli", "train", "--solver",
+                             "long.prototxt", "--no-progress"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 240
+        for line in proc.stdout:
+            if line.startswith("Iteration 3,"):
+                break
+            assert time.monotonic() < deadline, "no iterations"
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=120)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, rest
+    assert "Optimization stopped early." in rest
+    snaps = sorted(Path().glob("long_iter_*.caffemodel"))
+    assert len(snaps) == 1 and 3 <= int(snaps[0].stem.split("_")[-1]) < 100000
+    assert Path(snaps[0].with_suffix(".solverstate")).exists()
