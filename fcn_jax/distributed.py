@@ -15,8 +15,10 @@ Every process then runs the same program on its own share of the data:
 - :func:`all_equal` - check that every process holds the same value (same arguments).
 
 A process that never joins makes the others stop with one line (:class:`DistributedError`)
-after ``init_timeout``; one that dies, at the next barrier once its heartbeat is missed
-(``heartbeat_timeout``) or at the next collective, whose connection it closed.
+after ``init_timeout``. Once started, a watchdog thread in each process watches the others
+through the coordinator: one that dies, hangs or exits early (before :func:`finish`) ends the
+others with one line and exit status 3 within ``heartbeat_timeout`` seconds; a barrier names
+the processes that died.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import dataclasses
 import hashlib
 import os
 import re
+import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
@@ -39,10 +43,11 @@ INIT_TIMEOUT = 120
 #: Seconds without a heartbeat after which a process counts as dead.
 HEARTBEAT_TIMEOUT = 30
 
-__all__ = ["DistributedError", "HEARTBEAT_TIMEOUT", "INIT_TIMEOUT", "ProcessConfig",
-           "add_arguments", "all_equal", "barrier", "config_from_args", "global_batch",
-           "global_mesh", "initialize", "is_main", "local_copy", "local_rows", "peer_failure",
-           "process_count", "process_index", "process_share", "replicate", "share_bounds"]
+__all__ = ["DistributedError", "HEARTBEAT_TIMEOUT", "INIT_TIMEOUT", "PEER_FAILURE_EXIT",
+           "ProcessConfig", "add_arguments", "all_equal", "barrier", "config_from_args", "finish",
+           "global_batch", "global_mesh", "initialize", "is_main", "local_copy", "local_rows",
+           "peer_failure", "process_count", "process_index", "process_share", "replicate",
+           "share_bounds"]
 
 
 class DistributedError(RuntimeError):
@@ -166,7 +171,83 @@ def initialize(config: ProcessConfig | argparse.Namespace | Mapping[str, Any] | 
     except ValueError as e:
         _reset()
         raise DistributedError(f"jax.distributed: {_one_line(e)}") from None
+    if jax.process_count() > 1:
+        _Watchdog(jax.process_index(), jax.process_count(), config.heartbeat_timeout).start()
     return jax.process_index(), jax.process_count()
+
+
+#: Exit status of a process stopped because another one died, hung or vanished.
+PEER_FAILURE_EXIT = 3
+_KEY = "fcn_jax/watchdog"
+
+
+class _Watchdog(threading.Thread):
+    """Each process bumps its counter in the coordinator's key-value store every second and
+    watches the others'; one whose counter stands still for ``timeout`` seconds (died, hung,
+    or exited before :func:`finish`), or a coordinator that cannot be reached, ends this
+    process with one line and exit status :data:`PEER_FAILURE_EXIT`: a dead peer would
+    otherwise leave it waiting in a collective or a checkpoint barrier."""
+
+    running: _Watchdog | None = None
+
+    def __init__(self, process_id: int, num_processes: int, timeout: float):
+        super().__init__(name="fcn_jax-watchdog", daemon=True)
+        self.pid, self.n, self.timeout = process_id, num_processes, float(timeout)
+        self.interval = max(0.2, min(1.0, self.timeout / 4))
+        self.stopped = threading.Event()
+        _Watchdog.running = self
+
+    def run(self) -> None:
+        import time
+
+        from jax._src import distributed as _dist
+
+        client = _dist.global_state.client
+        seen = {j: ("", time.monotonic()) for j in range(self.n) if j != self.pid}
+        while not self.stopped.wait(self.interval):
+            try:
+                client.key_value_increment(f"{_KEY}/alive/{self.pid}", 1)
+                now = time.monotonic()
+                for j in list(seen):
+                    if client.key_value_increment(f"{_KEY}/done/{j}", 0):
+                        del seen[j]  # finished its work: silence is fine
+                        continue
+                    count = str(client.key_value_increment(f"{_KEY}/alive/{j}", 0))
+                    if count != seen[j][0]:
+                        seen[j] = (count, now)
+            except Exception as e:  # noqa: BLE001 - the coordinator is gone
+                if self.stopped.is_set():
+                    return
+                self._stop_process(f"lost the coordinator, process 0 ({_one_line(e)[:160]})")
+            stale = [j for j, (_, t) in seen.items() if now - t > self.timeout]
+            if stale and not self.stopped.is_set():
+                self._stop_process(f"process(es) {stale} of {self.n} stopped answering for "
+                                   f"{self.timeout:g} s (died, hung or exited)")
+
+    def _stop_process(self, why: str) -> None:
+        sys.stderr.write(f"fcn-jax: error: process {self.pid}: {why}; stopping (what was "
+                         "written so far is kept: rerun every process, with --resume to "
+                         "continue)\n")
+        sys.stderr.flush()
+        os._exit(PEER_FAILURE_EXIT)
+
+
+def finish() -> None:
+    """This process's work is done: tell the others (its silence is no longer an error),
+    wait for the live ones to finish theirs, and stop watching. Every process calls it at
+    the end of a successful command; alone it does nothing."""
+    import jax
+    from jax._src import distributed as _dist
+
+    dog = _Watchdog.running
+    if jax.process_count() == 1 or dog is None:
+        return
+    client = _dist.global_state.client
+    with contextlib.suppress(Exception):
+        client.key_value_increment(f"{_KEY}/done/{jax.process_index()}", 1)
+    with contextlib.suppress(DistributedError):
+        barrier("finish")  # then nobody still needs the coordinator (process 0)
+    dog.stopped.set()
 
 
 @contextlib.contextmanager
@@ -205,19 +286,21 @@ def _reset() -> None:
         _dist.global_state.service = None
 
 
-#: Environment variables by which JAX's cluster detection recognises a multi-process job.
-_CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "OMPI_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS",
-                "JOBSET_NAME", "TPU_WORKER_HOSTNAMES")
-
-
 def _cluster_detected() -> bool:
-    """Whether this process runs in a job of several processes that JAX can detect."""
-    if os.environ.get("SLURM_STEP_NUM_TASKS", "1") not in ("", "1"):
+    """Whether this process is one of several in a job that JAX's cluster detection knows
+    (the environment JAX reads, with more than one process): SLURM, Open MPI, a Kubernetes
+    indexed job, a multi-host Cloud TPU, or ``JAX_COORDINATOR_ADDRESS`` set by hand. A
+    single-process job of any kind runs alone, without a coordinator."""
+    env = os.environ
+    if all(k in env for k in ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_PROCID")):
+        return env["SLURM_NTASKS"] not in ("", "1")
+    if "OMPI_MCA_orte_hnp_uri" in env:
+        return env.get("OMPI_COMM_WORLD_SIZE", "2") not in ("", "1")
+    if "KUBERNETES_SERVICE_HOST" in env and "JOB_COMPLETION_INDEX" in env:
         return True
-    if os.environ.get("OMPI_COMM_WORLD_SIZE", "1") not in ("", "1"):
+    if "," in env.get("TPU_WORKER_HOSTNAMES", ""):
         return True
-    return any(os.environ.get(k) for k in ("JAX_COORDINATOR_ADDRESS", "JOBSET_NAME",
-                                           "TPU_WORKER_HOSTNAMES"))
+    return bool(env.get("JAX_COORDINATOR_ADDRESS"))
 
 
 def process_index() -> int:

@@ -193,8 +193,9 @@ def test_predict_two_processes_failures_resume_and_merge_equal_one(tmp_path, mon
         [_start(f, tmp_path) for f in [*flags, lone]])
     assert rc1 == 2 and "missing.caffemodel" in err1, err1[-2000:]
     assert rc0 == 3, err0[-2000:]
-    last = err0.strip().splitlines()[-1]
-    assert last.startswith("fcn-jax: error: process 0: process(es) [1] of 2 died"), err0
+    last = err0.strip().splitlines()[-1]  # from the watchdog, or the last barrier
+    assert last.startswith("fcn-jax: error: process 0: process(es) [1] of 2 "), err0
+    assert "stopped answering for 3 s" in last or "died before" in last, last
     assert rc == 3, err[-2000:]
     last = err.strip().splitlines()[-1]
     assert last.startswith("fcn-jax: error: process 0 of 2 at 127.0.0.1:") and \
@@ -203,7 +204,7 @@ def test_predict_two_processes_failures_resume_and_merge_equal_one(tmp_path, mon
     assert time.monotonic() - t0 < TIMEOUT
     monkeypatch.chdir(tmp_path)
     share0 = D.process_share(P.list_images(directory="imgs"), 0, 2)
-    assert sorted(_by_image(tmp_path / "two" / "process-0-of-2")) == share0
+    assert set(_by_image(tmp_path / "two" / "process-0-of-2")) <= set(share0)
     assert not (tmp_path / "two" / P.JOURNAL).exists()  # nothing merged
 
     # --resume: process 0 skips its finished share, process 1 does its own, 0 merges
@@ -211,10 +212,8 @@ def test_predict_two_processes_failures_resume_and_merge_equal_one(tmp_path, mon
     results = _finish([_start(f, tmp_path) for f in flags])
     # exit status 1 on process 0: the merged run has an image that could not be read
     assert [rc for rc, _, _ in results] == [1, 0], [err[-2000:] for _, _, err in results]
-    assert "imgs/broken.png" in share0  # tried again on resume, as it failed
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
-    assert (summary["total"], summary["done_before"], summary["processed"]) == (
-        8, len(share0) - 1, 8 - len(share0) + 1)
+    assert (summary["total"], summary["done_before"] + summary["processed"]) == (8, 8)
     assert summary["failed_images"] == ["imgs/broken.png"]
 
     # the same images in one process (this one): the same records, the same maps

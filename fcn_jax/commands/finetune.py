@@ -138,7 +138,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="keep the last K checkpoints (and the best); default 3")
     p.add_argument("--devices", type=int, default=1, metavar="N",
                    help="data-parallel over the first N devices (the batch is split, the "
-                   "params replicated); under jax.distributed, over all hosts' devices")
+                   "params replicated); with several processes (--coordinator) always over "
+                   "every device of every process, --batch-size per process")
     p.add_argument("--eval-every", type=int, default=0, metavar="STEPS",
                    help="also evaluate the held-out images every STEPS steps (eval_curve)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -170,6 +171,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         if processes > 1 and _PEER_GONE.search(str(e)):  # a collective with a dead peer
             raise distributed.peer_failure(e, "training") from None
         raise
+    distributed.finish()  # several processes: wait for the others to end too
     if rank:
         print(f"process {rank} of {processes}: done; process 0 wrote {cfg.out}/")
         return 0

@@ -148,6 +148,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     except FileExistsError as e:
         print(f"fcn-jax: error: {e}", file=sys.stderr)
         return 2
+    distributed.finish()  # several processes: wait for the others to end too
     s = summary
     ok = s.processed - len(s.failed)
     if s.done_before:
