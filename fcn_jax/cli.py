@@ -49,6 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except DistributedError as e:  # several processes: one did not join, or died
         print(f"fcn-jax: error: {e}", file=sys.stderr)
+        from fcn_jax.distributed import exit_now
+
+        exit_now(3)  # before the runtime, which lost a peer, aborts this process noisily
         return 3
     except KeyboardInterrupt:
         print("fcn-jax: interrupted", file=sys.stderr)

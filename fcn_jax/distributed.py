@@ -44,10 +44,10 @@ INIT_TIMEOUT = 120
 HEARTBEAT_TIMEOUT = 30
 
 __all__ = ["DistributedError", "HEARTBEAT_TIMEOUT", "INIT_TIMEOUT", "PEER_FAILURE_EXIT",
-           "ProcessConfig", "add_arguments", "all_equal", "barrier", "config_from_args", "finish",
-           "global_batch", "global_mesh", "initialize", "is_main", "local_copy", "local_rows",
-           "peer_failure", "process_count", "process_index", "process_share", "replicate",
-           "share_bounds"]
+           "ProcessConfig", "add_arguments", "all_equal", "barrier", "config_from_args",
+           "exit_now", "finish", "global_batch", "global_mesh", "initialize", "is_main",
+           "local_copy", "local_rows", "peer_failure", "process_count", "process_index",
+           "process_share", "replicate", "share_bounds"]
 
 
 class DistributedError(RuntimeError):
@@ -230,6 +230,19 @@ class _Watchdog(threading.Thread):
                          "continue)\n")
         sys.stderr.flush()
         os._exit(PEER_FAILURE_EXIT)
+
+
+def exit_now(status: int) -> None:
+    """With several processes started: flush the output and end this process at once with
+    ``status`` (after a peer failed, the runtime would otherwise abort it during a normal
+    exit). Alone, or before :func:`initialize`: returns."""
+    from jax._src import distributed as _dist
+
+    if _dist.global_state.client is None:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def finish() -> None:
