@@ -2,7 +2,8 @@
 
 Each command lives in a module with ``register(subparsers)``; the parser sets ``func``.
 Errors in user files print one line (``fcn-jax: error: FILE: layer 'x': field: ...``) and
-exit with status 2, never a traceback.
+exit with status 2, never a traceback; status 3 when one of several processes
+(``--coordinator``) did not join or died.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from converters import CaffeFormatError
+from fcn_jax.distributed import DistributedError
 
 #: Modules that contribute commands, in --help order.
 COMMAND_MODULES = (
@@ -46,6 +48,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CaffeFormatError, OSError) as e:
         print(f"fcn-jax: error: {e}", file=sys.stderr)
         return 2
+    except DistributedError as e:  # several processes: one did not join, or died
+        print(f"fcn-jax: error: {e}", file=sys.stderr)
+        from fcn_jax.distributed import exit_now
+
+        exit_now(3)  # before the runtime, which lost a peer, aborts this process noisily
+        return 3
     except KeyboardInterrupt:
         print("fcn-jax: interrupted", file=sys.stderr)
         return 130

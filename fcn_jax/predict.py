@@ -111,6 +111,7 @@ class PredictSummary:
                 "failed": len(self.failed), "failed_images": self.failed,
                 "nonfinite": self.nonfinite, "seconds": round(self.seconds, 3),
                 "first_batch_seconds": round(self.first_batch_seconds, 3),
+                "first_batch_images": self.first_batch_images,
                 "images_per_second": round(self.images_per_second, 2)}
 
 
@@ -614,6 +615,96 @@ def _check_same_settings(path: Path, settings: dict[str, Any], has_results: bool
             + " (use another --out, or the first run's settings)", path=path)
 
 
+# ----------------------------------------------------------------------------- processes
+
+
+def part_dir(out_dir: str | os.PathLike, process_id: int, num_processes: int) -> Path:
+    """The folder where process ``process_id`` of ``num_processes`` writes its own run."""
+    return Path(out_dir) / f"process-{process_id}-of-{num_processes}"
+
+
+def run_predict_processes(module, params, images: Sequence[str], out_dir: str | os.PathLike,
+                          transformer, cfg: PredictConfig = PredictConfig(), *,
+                          process_id: int, num_processes: int, resume: bool = False,
+                          **kwargs: Any) -> PredictSummary:
+    """:func:`run_predict` as one of ``num_processes`` processes (``jax.distributed``), each
+    called with the same ``images``: this one runs its share
+    (:func:`fcn_jax.distributed.process_share`) into :func:`part_dir` (its own journal,
+    maps, run.json, so ``resume`` continues each share), waits for the others, and process
+    0 merges every part into ``out_dir`` (:func:`merge_parts`). Returns the merged summary
+    on process 0, this process's own elsewhere. ``out_dir`` must be one folder that every
+    process sees (a shared file system)."""
+    from . import distributed as D
+
+    out = Path(out_dir)
+    merged = out / JOURNAL
+    if not resume and merged.exists() and merged.stat().st_size:
+        raise FileExistsError(f"{merged} exists: pass --resume to continue that run, or "
+                              "choose another --out")
+    share = D.process_share(images, process_id, num_processes, key=os.path.normpath)
+    own = run_predict(module, params, share, part_dir(out, process_id, num_processes),
+                      transformer, cfg, resume=resume, **kwargs)
+    D.barrier("predict: every share done")
+    if process_id != 0:
+        return own
+    out.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out):
+        return merge_parts(out, images, num_processes)
+
+
+def merge_parts(out_dir: str | os.PathLike, images: Sequence[str], num_processes: int
+                ) -> PredictSummary:
+    """Write ``OUT/results.jsonl`` (one record per image of ``images``, in their order; a
+    dense record's ``shard`` points into its part's ``maps/``), ``OUT/run.json`` and
+    ``OUT/summary.json`` from the parts of :func:`run_predict_processes`. Raises
+    ``CaffeFormatError`` when a part lacks an image or disagrees on the settings."""
+    out = Path(out_dir)
+    records: dict[str, dict] = {}
+    settings: dict[str, Any] | None = None
+    summary = PredictSummary(total=0, done_before=0)
+    parts = [part_dir(out, i, num_processes) for i in range(num_processes)]
+    for part in parts:
+        try:
+            run = json.loads((part / "run.json").read_text())
+            done = json.loads((part / "summary.json").read_text())
+        except (OSError, ValueError) as e:
+            raise CaffeFormatError(f"cannot read this process's run ({e})", path=part) from None
+        run.pop("sources", None)
+        if settings is None:
+            settings = run
+        elif run != settings:
+            raise CaffeFormatError("this process ran with other settings than process 0 "
+                                   "(every process needs the same arguments)", path=part)
+        rel = part.name
+        for image, rec in read_journal(part)[0].items():
+            if isinstance(rec.get("shard"), str):
+                rec = dict(rec, shard=f"{rel}/{rec['shard']}")
+            records[image] = rec
+        summary.total += int(done.get("total", 0))
+        summary.done_before += int(done.get("done_before", 0))
+        summary.processed += int(done.get("processed", 0))
+        summary.failed += list(done.get("failed_images", []))
+        summary.nonfinite += int(done.get("nonfinite", 0))
+        summary.seconds = max(summary.seconds, float(done.get("seconds", 0.0)))
+        summary.first_batch_seconds = max(summary.first_batch_seconds,
+                                          float(done.get("first_batch_seconds", 0.0)))
+        summary.first_batch_images += int(done.get("first_batch_images", 0))
+    missing = [p for p in images if os.path.normpath(p) not in records]
+    if missing:
+        raise CaffeFormatError(f"{len(missing)} images have no record in any process's "
+                               f"results, e.g. {missing[0]} (rerun with --resume)", path=out)
+    order = {os.path.normpath(p): i for i, p in enumerate(images)}
+    summary.failed.sort(key=lambda p: order.get(os.path.normpath(p), len(order)))
+    text = "".join(json.dumps(records[os.path.normpath(p)], allow_nan=False) + "\n"
+                   for p in images)
+    atomic_write_bytes(out / JOURNAL, text.encode())
+    atomic_write_bytes(out / "run.json", (json.dumps(
+        dict(settings or {}, processes=num_processes,
+             parts=[p.name for p in parts]), indent=2) + "\n").encode())
+    _write_summary(out, summary)
+    return summary
+
+
 def _write_summary(out: Path, summary: PredictSummary) -> None:
     atomic_write_bytes(out / "summary.json",
                        (json.dumps(summary.as_dict(), indent=2) + "\n").encode())
@@ -621,4 +712,5 @@ def _write_summary(out: Path, summary: PredictSummary) -> None:
 
 __all__ = ["IMAGE_EXTENSIONS", "PredictConfig", "PredictSummary", "check_activation_budget",
            "class_map", "finished_images", "list_images", "load_and_preprocess", "net_digest",
-           "read_journal", "run_fingerprint", "run_predict", "top_k", "weights_digest"]
+           "merge_parts", "part_dir", "read_journal", "run_fingerprint", "run_predict",
+           "run_predict_processes", "top_k", "weights_digest"]

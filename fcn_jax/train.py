@@ -741,7 +741,12 @@ def make_mesh(devices: int | Sequence[Any] | None = None) -> jax.sharding.Mesh:
 
 
 def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
-    """``tree`` (e.g. a ``TrainState``) copied whole onto every device of ``mesh``."""
+    """``tree`` (e.g. a ``TrainState``) copied whole onto every device of ``mesh``; with
+    several processes, each gives its own copy (the same values in every process)."""
+    if jax.process_count() > 1:
+        from .distributed import replicate as replicate_across_processes
+
+        return replicate_across_processes(tree, mesh)
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return jax.device_put(tree, sharding)
 

@@ -27,6 +27,7 @@ import numpy as np
 
 import converters
 from converters import CaffeFormatError
+from fcn_jax import distributed
 
 #: Input scale when training from scratch: about 1 / (std of an ImageNet-preprocessed pixel),
 #: the ``scale: 0.017`` of many Caffe train prototxts, so that layer 1 sees unit-scale input.
@@ -137,10 +138,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="keep the last K checkpoints (and the best); default 3")
     p.add_argument("--devices", type=int, default=1, metavar="N",
                    help="data-parallel over the first N devices (the batch is split, the "
-                   "params replicated); under jax.distributed, over all hosts' devices")
+                   "params replicated); with several processes (--coordinator) always over "
+                   "every device of every process, --batch-size per process")
     p.add_argument("--eval-every", type=int, default=0, metavar="STEPS",
                    help="also evaluate the held-out images every STEPS steps (eval_curve)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    distributed.add_arguments(p)
     p.set_defaults(func=cmd_finetune)
 
 
@@ -155,12 +158,23 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     """Run ``fcn-jax finetune`` from parsed arguments."""
+    rank, processes = distributed.initialize(args)  # first: before any JAX computation
     cfg = config_from_args(args)
+    if rank:  # one voice: process 0 logs and shows progress
+        cfg = dataclasses.replace(cfg, progress=False)
     try:
-        result = finetune(cfg, log=print)
+        result = finetune(cfg, log=print if rank == 0 else lambda *_: None)
     except (FinetuneError, FloatingPointError) as e:
         print(f"fcn-jax: error: {e}", file=sys.stderr)
         return 2
+    except (RuntimeError, ValueError) as e:
+        if processes > 1 and _PEER_GONE.search(str(e)):  # a collective with a dead peer
+            raise distributed.peer_failure(e, "training") from None
+        raise
+    distributed.finish()  # several processes: wait for the others to end too
+    if rank:
+        print(f"process {rank} of {processes}: done; process 0 wrote {cfg.out}/")
+        return 0
     ev = result["eval"]
     print(f"held-out mean IoU {ev['before']['mean_iou']:.3f} -> {ev['after']['mean_iou']:.3f}, "
           f"cell accuracy {ev['before']['cell_accuracy']:.3f} -> "
@@ -168,6 +182,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     print(f"wrote {cfg.out}/: metrics.json, loss_curve.png, heatmap_*.png, targets.png, "
           f"classes_after.png, checkpoints/, finetuned.prototxt, finetuned.caffemodel")
     return 0
+
+
+#: What a collective's error says when another process died (gloo closes its connection).
+_PEER_GONE = re.compile(r"gloo|connection|peer|heartbeat|coordinat|barrier", re.IGNORECASE)
 
 
 # ----------------------------------------------------------------------------- model
@@ -393,8 +411,17 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], Any] = print) -> dict[str
         raise FinetuneError("--batch-size must be >= 1")
     if cfg.model:
         require_fully_convolutional(cfg.model)
+    processes = jax.process_count()
     mesh = None
-    if cfg.devices != 1:
+    if processes > 1:  # data-parallel over every process's devices; --batch-size per process
+        if cfg.devices != 1:
+            raise FinetuneError("--devices: with several processes the mesh is every "
+                                "device of every process; leave --devices out")
+        mesh = distributed.global_mesh(T.DATA_AXIS)
+        if cfg.batch_size % jax.local_device_count():
+            raise FinetuneError(f"--batch-size {cfg.batch_size} does not split over this "
+                                f"process's {jax.local_device_count()} devices")
+    elif cfg.devices != 1:
         try:
             mesh = T.make_mesh(cfg.devices)
         except ValueError as e:
@@ -405,7 +432,10 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], Any] = print) -> dict[str
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    train_ds, val_ds, names = _datasets(cfg, log)
+    # the global batch: --batch-size per process, as Caffe's batch_size is per GPU
+    global_batch = cfg.batch_size * processes
+    rows = distributed.local_rows(global_batch)  # this process's rows of every batch
+    train_ds, val_ds, names = _datasets(dataclasses.replace(cfg, batch_size=global_batch), log)
     k = len(names)
     module, params, net = build_model(cfg, k, log=log)
     h, w = cfg.input_size
@@ -456,8 +486,8 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], Any] = print) -> dict[str
         return {"image": images, "label": T.batch_labels(boxes, out_hw, geometry, labels_cfg)}
 
     def batch_fn(step: int) -> dict:
-        return labelled(*D.train_batch(train_ds, step, batch_size=cfg.batch_size, cfg=tcfg,
-                                       seed=cfg.seed))
+        return labelled(*D.train_batch(train_ds, step, batch_size=global_batch, cfg=tcfg,
+                                       seed=cfg.seed, rows=rows))
 
     # all of one size (the last padded with ignored rows): one compiled eval for everything
     val_batches = [_pad(labelled(*D.eval_batch(val_ds, s, cfg.batch_size, tcfg)),
@@ -465,11 +495,15 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], Any] = print) -> dict[str
                    for s in range(0, len(val_ds), cfg.batch_size)]
     if mesh is not None:
         state = T.replicate(state, mesh)
-        val_batches = [T.shard_batch(b, mesh) for b in val_batches]
+        if processes == 1:
+            val_batches = [T.shard_batch(b, mesh) for b in val_batches]
+    # evaluation, figures and export: each process alone on its copy of the replicated state
+    local = distributed.local_copy if processes > 1 else (lambda st: st)
     config_meta = {k2: (list(v) if isinstance(v, tuple) else v)
                    for k2, v in dataclasses.asdict(cfg).items()
                    if k2 not in ("out", "resume", "progress", "steps", "checkpoint_every",
                                  "eval_every", "keep_checkpoints", "devices")}
+    config_meta["batch_size"] = global_batch  # resumable on any number of processes
     history: list[float] = []
     shown = _pick_heatmap_images(val_ds, cfg.heatmap_images)
     if cfg.resume:
@@ -485,9 +519,9 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], Any] = print) -> dict[str
         maps_before = [np.asarray(m, np.float32) for m in meta["maps_before"]]
         log(f"resumed from {cfg.resume} at step {int(state.step)}")
     else:
-        before = T.evaluate(state, val_batches, k, class_names=names)
+        before = T.evaluate(local(state), val_batches, k, class_names=names)
         curve = [_curve_point(0, before)]
-        maps_before = _objectness_maps(state, val_batches, shown)
+        maps_before = _objectness_maps(local(state), val_batches, shown)
     log(f"before: held-out mean IoU {before['mean_iou']:.3f}, cell accuracy "
         f"{before['cell_accuracy']:.3f} ({before['cells']} cells of {len(val_ds)} images)")
 
@@ -502,7 +536,7 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], Any] = print) -> dict[str
     def on_step(step: int, st, metrics: dict) -> None:
         done.append(float(metrics["loss"]))
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-            curve.append(_curve_point(step + 1, T.evaluate(st, val_batches, k)))
+            curve.append(_curve_point(step + 1, T.evaluate(local(st), val_batches, k)))
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
             m = meta_now(st)
             m["train_loss"] = history + done
@@ -525,8 +559,8 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], Any] = print) -> dict[str
         raise
     train_s = time.perf_counter() - t_train
     history = history + new_hist
-    after = T.evaluate(state, val_batches, k, class_names=names)
-    maps_after = _objectness_maps(state, val_batches, shown)
+    after = T.evaluate(local(state), val_batches, k, class_names=names)
+    maps_after = _objectness_maps(local(state), val_batches, shown)
     curve.append(_curve_point(int(state.step), after))
     log(f"after:  held-out mean IoU {after['mean_iou']:.3f}, cell accuracy "
         f"{after['cell_accuracy']:.3f}")
@@ -535,6 +569,9 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], Any] = print) -> dict[str
     checkpoints.save(state, meta_now(state),
                      metrics={"loss": sum(last) / len(last)} if last else None)
     checkpoints.close()
+    if jax.process_index() != 0:  # process 0 writes the outputs
+        return {"train_loss": history, "steps": int(state.step)}
+    state = local(state)
     atomic_write_text(out / "finetuned.prototxt", converters.format_prototxt(net))
     # the exported model takes the standard preprocessing: input_scale folded into layer 1
     T.export_caffemodel(out / "finetuned.caffemodel", fold_input_scale(
@@ -573,6 +610,7 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], Any] = print) -> dict[str
         "labels": dataclasses.asdict(labels_cfg),
         "data": {"demo": cfg.demo, "train": cfg.data, "train_images": len(train_ds),
                  "val_images": len(val_ds), "batch_size": cfg.batch_size,
+                 "processes": processes, "global_batch_size": global_batch,
                  "input_size": [h, w], "input_scale": input_scale},
         "time_s": {"train": round(train_s, 2), "total": round(time.perf_counter() - t0, 2)},
     }

@@ -9,6 +9,7 @@ import sys
 
 import converters
 from converters import CaffeFormatError
+from fcn_jax import distributed
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -51,6 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "'none': no names)")
     p.add_argument("--workers", type=int, default=2, help="image-decoding threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    distributed.add_arguments(p)
     p.set_defaults(func=cmd_predict)
 
 
@@ -94,6 +96,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from fcn_jax import predict as P
     from fcn_jax.preprocess import caffe_transformer
 
+    rank, processes = distributed.initialize(args)  # first: before any JAX computation
     try:
         images = P.list_images(args.images, args.dir)
     except OSError as e:
@@ -102,6 +105,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not images:
         print("fcn-jax: error: no images (give files or --dir)", file=sys.stderr)
         return 2
+    distributed.all_equal("the image list", images)
     net = converters.read_prototxt(args.prototxt)
     shapes = [list(s.dim) for lp in net.layer if lp.type == "Input"
               for s in lp.input_param.shape]
@@ -130,15 +134,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise CaffeFormatError(str(e), path=None if args.mean in ("imagenet", "none")
                                else args.mean, field="mean") from None
+    run = dict(resume=args.resume, progress=not args.no_progress,
+               net_text=converters.format_prototxt(net),
+               sources={"prototxt": os.path.abspath(args.prototxt),
+                        "weights": os.path.abspath(args.weights)})
     try:
-        summary = P.run_predict(module, params, images, args.out, transformer, cfg,
-                                resume=args.resume, progress=not args.no_progress,
-                                net_text=converters.format_prototxt(net),
-                                sources={"prototxt": os.path.abspath(args.prototxt),
-                                         "weights": os.path.abspath(args.weights)})
+        if processes > 1:  # this process's share into OUT/process-I-of-N; 0 merges
+            summary = P.run_predict_processes(module, params, images, args.out, transformer,
+                                              cfg, process_id=rank, num_processes=processes,
+                                              **run)
+        else:
+            summary = P.run_predict(module, params, images, args.out, transformer, cfg, **run)
     except FileExistsError as e:
         print(f"fcn-jax: error: {e}", file=sys.stderr)
         return 2
+    distributed.finish()  # several processes: wait for the others to end too
     s = summary
     ok = s.processed - len(s.failed)
     if s.done_before:
@@ -149,6 +159,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     else:
         speed = f"{s.images_per_second:.1f} images/s including compilation"
     print(f"{ok} images predicted, {len(s.failed)} skipped, in {s.seconds:.1f} s ({speed})")
+    if rank:
+        print(f"process {rank} of {processes}: results merged by process 0 from "
+              f"{P.part_dir(args.out, rank, processes)}")
     print(f"results: {os.path.join(args.out, P.JOURNAL)}")
     if s.failed:
         print(f"warning: {len(s.failed)} images could not be read:", file=sys.stderr)

@@ -458,11 +458,21 @@ def batch_indices(n: int, step: int, batch_size: int, seed: int = 0) -> np.ndarr
 
 def train_batch(dataset: Sequence[Example], step: int, *, batch_size: int,
                 cfg: TransformerConfig, seed: int = 0,
-                augment: AugmentConfig = AugmentConfig()) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Training batch ``step`` with augmentation: a pure function of its arguments."""
+                augment: AugmentConfig = AugmentConfig(), rows: slice | None = None
+                ) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Training batch ``step`` with augmentation: a pure function of its arguments. Each row
+    has its own seeded augmentation, so ``rows`` (a slice of the batch: one process's share
+    of a global batch) reads only those examples and gives exactly those rows."""
     idx = batch_indices(len(dataset), step, batch_size, seed)
-    rng = np.random.default_rng([int(seed), int(step), 0xA06])
-    return load_batch(dataset, idx, cfg, rng=rng, augment=augment)
+    blobs, boxes = [], []
+    for r in range(batch_size)[rows or slice(None)]:
+        rng = np.random.default_rng([int(seed), int(step), 0xA06, r])
+        blob, b = prepare_example(dataset[int(idx[r])], cfg, rng=rng, augment=augment)
+        blobs.append(blob)
+        boxes.append(b)
+    if not blobs:
+        raise ValueError(f"rows {rows} of a batch of {batch_size} select no example")
+    return np.stack(blobs), boxes
 
 
 def eval_batch(dataset: Sequence[Example], start: int, batch_size: int,
