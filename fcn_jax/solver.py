@@ -616,7 +616,7 @@ class Solver:
     step is one jitted pure function of (params, solver state, batches, iteration)."""
 
     def __init__(self, solver_param, *, path: PathLike = "<solver>",
-                 devices: int | Sequence[Any] | None = None,
+                 devices: int | Sequence[Any] | None = None, mesh: Any = None,
                  log: Callable[[str], None] | None = None):
         self.param = solver_param
         self.path = path
@@ -658,10 +658,12 @@ class Solver:
         self._test_fns: list[Callable | None] = [None] * len(self.test_nets)
         self._loss_fn: Callable | None = None
         self.tx = caffe_update(self.spec, self.lr_mults, self.decay_mults)
-        self.mesh = None
-        if devices is not None:
+        self.mesh = mesh
+        if devices is not None and mesh is None:
             from .train import make_mesh
             self.mesh = make_mesh(devices)
+        #: several jax.distributed processes: this one's rank and their count
+        self.rank, self.processes = jax.process_index(), jax.process_count()
         self.params = self._place(jax.tree_util.tree_map(jnp.asarray, self.params))
         self.state: CaffeSolverState = self._place(self.tx.init(self.params))
         self._step_fn = jax.jit(functools.partial(
@@ -686,11 +688,17 @@ class Solver:
     @property
     def iter(self) -> int:
         """Caffe's ``iter_``: the number of updates done."""
-        return int(self.state.iter)
+        return int(self._scalar(self.state.iter))
 
     @property
     def current_step(self) -> int:
-        return int(self.state.current_step)
+        return int(self._scalar(self.state.current_step))
+
+    def _scalar(self, x: Any) -> Any:
+        if self.processes > 1:
+            from .distributed import local_copy
+            x = local_copy(x)
+        return np.asarray(x)
 
     def __enter__(self) -> Solver:
         return self
@@ -724,8 +732,15 @@ class Solver:
     def _place(self, tree: Any) -> Any:
         if self.mesh is None:
             return tree
-        from .train import replicate
+        from .distributed import replicate
         return replicate(tree, self.mesh)
+
+    def _host(self, tree: Any) -> Any:
+        """``tree`` as this process's numpy copy (replicated arrays of several processes)."""
+        if self.processes > 1:
+            from .distributed import local_copy
+            tree = local_copy(tree)
+        return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), tree)
 
     def _shard(self, batch: dict[str, np.ndarray], lead: int) -> dict[str, Any]:
         if self.mesh is None:
@@ -733,8 +748,11 @@ class Solver:
         from jax.sharding import NamedSharding, PartitionSpec
 
         from .train import DATA_AXIS
-        spec = PartitionSpec(*([None] * lead), DATA_AXIS)
-        return {k: jax.device_put(v, NamedSharding(self.mesh, spec)) for k, v in batch.items()}
+        sharding = NamedSharding(self.mesh, PartitionSpec(*([None] * lead), DATA_AXIS))
+        if self.processes > 1:  # each process gives its own rows of the global batch
+            return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+                    for k, v in batch.items()}
+        return {k: jax.device_put(v, sharding) for k, v in batch.items()}
 
     @staticmethod
     def _next(sources) -> dict[str, np.ndarray]:
@@ -814,8 +832,22 @@ class Solver:
     # --------------------------------------------------------------- running
 
     def _next_batches(self) -> dict[str, np.ndarray]:
-        passes = [self._next(self._sources) for _ in range(self.spec.iter_size)]
+        passes = [self._next_local() for _ in range(self.spec.iter_size)]
         return {k: np.stack([p[k] for p in passes]) for k in passes[0]}
+
+    def _next_local(self) -> dict[str, np.ndarray]:
+        """This process's batch of the next pass. With N processes, Caffe's multi-GPU rule
+        (the data layers' ``Skip``): process r keeps records r, r+N, r+2N, ... of the data
+        stream, so N processes of batch B see the records one process of batch N*B sees."""
+        if self.processes == 1:
+            return self._next(self._sources)
+        fed = [s for s in self._sources if isinstance(s, _FeedSource)]
+        stream = [self._next([s for s in self._sources if not isinstance(s, _FeedSource)])
+                  for _ in range(self.processes)]
+        out = {k: np.concatenate([b[k] for b in stream])[self.rank::self.processes]
+               for k in stream[0]}
+        out.update(self._next(fed))
+        return out
 
     def step(self, iters: int) -> np.ndarray:
         """Run ``iters`` iterations as Caffe's ``Solver::Step``: test every ``test_interval``,
@@ -836,7 +868,7 @@ class Solver:
             rate, _ = learning_rate(self.spec, it, self.current_step)
             self.params, self.state, loss, outs = self._step_fn(self.params, self.state,
                                                                 batches, key)
-            loss = float(loss)
+            loss = float(self._host(loss))
             self.lr = float(rate)
             out.append(loss)
             self._update_smoothed(loss, it - start)
@@ -844,8 +876,7 @@ class Solver:
                 fn(self, loss)
             if sp.display and it % sp.display == 0:
                 self._say(f"Iteration {it}, loss = {self.smoothed_loss:.6g}")
-                self._say_outputs("Train", {k: np.asarray(v) for k, v in outs.items()},
-                                  self.loss_weights)
+                self._say_outputs("Train", self._host(outs), self.loss_weights)
                 self._say(f"Iteration {it}, lr = {self.lr:.6g}")
             action = self._action() if self._action is not None else "none"
             if (sp.snapshot and self.iter % sp.snapshot == 0) or action == "snapshot":
@@ -895,7 +926,7 @@ class Solver:
             return
         if sp.display and self.iter % sp.display == 0:
             # Caffe's Solve ends with one more train forward for the display (it reads a batch)
-            batch = self._shard(self._next(self._sources), 0)
+            batch = self._shard(self._next_local(), 0)
             if self._loss_fn is None:
                 weights = tuple(sorted(self.loss_weights.items()))
                 module = self.net
@@ -907,7 +938,7 @@ class Solver:
                                jnp.float32(0))
                 self._loss_fn = jax.jit(loss_fn)
             key = jax.random.fold_in(self._key, -1 - self.iter)
-            self._update_smoothed(float(self._loss_fn(self.params, batch, key)),
+            self._update_smoothed(float(self._host(self._loss_fn(self.params, batch, key))),
                                   len(self._losses))
             self._say(f"Iteration {self.iter}, loss = {self.smoothed_loss:.6g}")
         if sp.test_interval and self.iter % sp.test_interval == 0 and self.test_nets:
@@ -937,11 +968,16 @@ class Solver:
                 return {k: blobs[k] for k in outputs}, loss
             self._test_fns[i] = jax.jit(fwd)
         params = self.test_params(i)
+        if self.processes > 1:  # every process runs the whole test on its own copy
+            from .distributed import local_copy
+            params = local_copy(params)
         n = int(sp.test_iter[i])
         sums: dict[str, np.ndarray] = {}
         total = 0.0
         for _ in range(n):
-            batch = self._shard(self._next(self._test_sources[i]), 0)
+            batch = self._next(self._test_sources[i])
+            batch = (self._shard(batch, 0) if self.processes == 1 else
+                     {k: jnp.asarray(v) for k, v in batch.items()})
             outs, loss = self._test_fns[i](params, batch)
             total += float(loss)
             for k, v in outs.items():
@@ -967,10 +1003,10 @@ class Solver:
     def history(self) -> list[np.ndarray]:
         """The history blobs in ``.solverstate`` order: one per learnable blob (Caffe's
         ``learnable_params`` order), then the second history for AdaDelta and Adam."""
-        out = [np.asarray(self.state.history[l][b], np.float32) for l, b in self.learnable]
+        hist = self._host((self.state.history, self.state.history2))
+        out = [hist[0][l][b] for l, b in self.learnable]
         if _needs_history2(self.spec):
-            out += [np.asarray(self.state.history2[l][b], np.float32)
-                    for l, b in self.learnable]
+            out += [hist[1][l][b] for l, b in self.learnable]
         return out
 
     def _check_snapshot_folder(self) -> None:
@@ -983,12 +1019,14 @@ class Solver:
 
     def snapshot(self) -> tuple[str, str]:
         """Write ``{prefix}_iter_{N}.caffemodel`` and ``.solverstate`` (Caffe's messages, each
-        file atomically); returns their paths."""
+        file atomically); returns their paths. With several processes only process 0
+        writes."""
         model = self.snapshot_filename(".caffemodel")
         state = self.snapshot_filename(".solverstate")
+        if self.rank != 0:
+            return model, state
         self._check_snapshot_folder()
-        host = {layer: {k: np.asarray(v, np.float32) for k, v in blobs.items()}
-                for layer, blobs in self.params.items()}
+        host = self._host(self.params)
         converters.save_caffemodel(model, host, self.train_net_param)
         write_solverstate(state, self.iter, model, self.current_step, self.history())
         self._say(f"Snapshotting to binary proto file {model}")
@@ -1069,13 +1107,14 @@ def _train_step(params: Params, state: CaffeSolverState, batches: Mapping[str, A
 
 
 def get_solver(solver_prototxt: PathLike, *, devices: int | Sequence[Any] | None = None,
-               log: Callable[[str], None] | None = None) -> Solver:
+               mesh: Any = None, log: Callable[[str], None] | None = None) -> Solver:
     """pycaffe's ``caffe.get_solver``: a :class:`Solver` from a ``solver.prototxt``. Paths
     inside it (the nets, data sources, snapshot prefix) are relative to the current
     directory, as in Caffe. ``devices``: run data-parallel over that many devices (or that
-    list); the batch is split over them."""
+    list); the batch is split over them. ``mesh``: a mesh to run on, e.g.
+    ``fcn_jax.distributed.global_mesh()`` over several processes."""
     sp = read_solver(solver_prototxt)
-    return Solver(sp, path=solver_prototxt, devices=devices, log=log)
+    return Solver(sp, path=solver_prototxt, devices=devices, mesh=mesh, log=log)
 
 
 __all__ = ["CaffeSolverState", "LR_POLICIES", "SOLVER_TYPES", "Solver", "SolverSpec",

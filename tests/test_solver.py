@@ -747,3 +747,39 @@ def test_ctrl_c_snapshots_then_stops(solvers_dir):
     snaps = sorted(Path().glob("long_iter_*.caffemodel"))
     assert len(snaps) == 1 and 3 <= int(snaps[0].stem.split("_")[-1]) < 100000
     assert Path(snaps[0].with_suffix(".solverstate")).exists()
+
+
+@pytest.mark.slow
+def test_two_processes_follow_caffe(solvers_dir):
+    """``fcn-jax train`` as 2 jax.distributed processes x 1 CPU device over 127.0.0.1, batch
+    4 each: Caffe's multi-GPU data rule (process r keeps records r, r+2, ...) gives the rows
+    one process of batch 8 reads, so the run follows Caffe's batch-8 trajectory within 1e-5;
+    process 0 writes the snapshot."""
+    import socket
+    import subprocess
+    import sys
+
+    Path("train.prototxt").write_text(Path("train.prototxt").read_text().replace(
+        "batch_size: 8", "batch_size: 4"))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+               JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "fcn_jax.cli", "train", "--solver", "01_sgd_fixed/solver.prototxt",
+         "--weights", "init.caffemodel", "--no-progress", "--coordinator", f"127.0.0.1:{port}",
+         "--num-processes", "2", "--process-id", str(i), "--init-timeout", "120"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=400) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-1500:] + outs[1][1][-1500:]
+    tr = np.load("01_sgd_fixed/trajectory.npz")
+    w = load_caffemodel("01_sgd_fixed/solver_iter_10.caffemodel")
+    for layer, blobs in w.items():
+        for b, v in blobs.items():
+            assert _rel(v, tr[_key(layer, b)][-1]) < 1e-5, (layer, b)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import re
 import signal
 import sys
 from typing import Any
 
+from fcn_jax import distributed
+
 _EFFECTS = ("stop", "snapshot", "none")
+_PEER_GONE = re.compile(r"gloo|connection|peer|heartbeat|coordinat|barrier", re.IGNORECASE)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sighup-effect", choices=_EFFECTS, default="snapshot",
                    help="what SIGHUP does (default: snapshot and go on)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    distributed.add_arguments(p)
     p.set_defaults(func=cmd_train)
 
 
@@ -63,10 +68,23 @@ class _Signals:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Run ``fcn-jax train`` from parsed arguments."""
+    rank, processes = distributed.initialize(args)  # first: before any JAX computation
+    try:
+        status = _train(args, rank, processes)
+    except (RuntimeError, ValueError) as e:
+        if processes > 1 and _PEER_GONE.search(str(e)):  # a collective with a dead peer
+            raise distributed.peer_failure(e, "training") from None
+        raise
+    distributed.finish()  # several processes: wait for the others to end too
+    return status
+
+
+def _train(args: argparse.Namespace, rank: int, processes: int) -> int:
     from tqdm.auto import tqdm
 
     from converters.solver_io import read_solver
     from fcn_jax.solver import Solver
+    from fcn_jax.train import DATA_AXIS
 
     sp = read_solver(args.solver)
     if args.weights or args.snapshot:
@@ -76,7 +94,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     def log(text: str) -> None:
         (tqdm.write if bar is not None else print)(text)
 
-    solver = Solver(sp, path=args.solver, devices=args.devices, log=log)
+    mesh = distributed.global_mesh(DATA_AXIS) if processes > 1 else None
+    if mesh is not None and args.devices is not None:
+        print("fcn-jax: error: --devices: with several processes every process's devices "
+              "are used", file=sys.stderr)
+        return 2
+    solver = Solver(sp, path=args.solver, devices=args.devices, mesh=mesh,
+                    log=log if rank == 0 else None)
     try:
         if args.weights:
             for w in args.weights.split(","):
@@ -84,8 +108,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.snapshot:
             solver.restore(args.snapshot)
         total = max(int(sp.max_iter) - solver.iter, 0)
-        bar = tqdm(total=total, desc="train", unit="iter", disable=args.no_progress,
-                   file=sys.stderr)
+        bar = tqdm(total=total, desc="train", unit="iter",
+                   disable=args.no_progress or rank != 0, file=sys.stderr)
         solver.callbacks.append(
             lambda s, loss: (bar.update(1), bar.set_postfix(loss=f"{s.smoothed_loss:.4f}")))
         with _Signals(args.sigint_effect, args.sighup_effect) as sig:
@@ -100,5 +124,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     finally:
         solver.close()
     model = solver.snapshot_filename(".caffemodel")
-    print(f"iteration {solver.iter}: loss {solver.smoothed_loss:.6g}; weights in {model}")
+    if rank == 0:
+        print(f"iteration {solver.iter}: loss {solver.smoothed_loss:.6g}; weights in {model}")
     return 0
