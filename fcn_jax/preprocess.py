@@ -133,8 +133,8 @@ class TransformerConfig:
     ``raw_scale``, ``mean`` and ``input_scale`` mean what the matching
     ``Transformer.set_*`` calls mean; ``None`` disables a step.  ``mean`` is a
     per-channel ``(C,)`` vector or a ``(C, H', W')`` mean image (``(H', W')`` for
-    C == 1); a mean image larger than the input is center-cropped (extension).
-    The mean is stored as a read-only float64 copy.
+    C == 1); a mean image larger than the input is center-cropped (extension),
+    and a ``(C, 1, 1)`` mean is per-channel (extension). The mean is stored as a read-only float64 copy.
     """
 
     input_shape: tuple[int, int, int]
@@ -202,7 +202,9 @@ def _prepare_mean(mean: Any, input_shape: tuple[int, int, int]) -> np.ndarray:
         if m.shape[0] != c:
             raise ValueError(f"mean has {m.shape[0]} channels, input has {c}")
         mh, mw = m.shape[1:]
-        if (mh, mw) != (h, w):
+        if (mh, mw) == (1, 1):
+            pass  # a per-channel mean already in broadcast form (a config copied by replace)
+        elif (mh, mw) != (h, w):
             if mh < h or mw < w:
                 raise ValueError(
                     f"mean image {m.shape[1:]} is smaller than the input {(h, w)}; "
