@@ -134,7 +134,8 @@ class TransformerConfig:
     ``Transformer.set_*`` calls mean; ``None`` disables a step.  ``mean`` is a
     per-channel ``(C,)`` vector or a ``(C, H', W')`` mean image (``(H', W')`` for
     C == 1); a mean image larger than the input is center-cropped (extension),
-    and a ``(C, 1, 1)`` mean is per-channel (extension). The mean is stored as a read-only float64 copy.
+    and a ``(C, 1, 1)`` mean is per-channel (extension).  The mean is stored as a
+    read-only float64 copy.
     """
 
     input_shape: tuple[int, int, int]

@@ -518,8 +518,10 @@ def test_finetune_command_with_annotations_and_weights(tmp_path, capsys):
                  "--no-progress", "--freeze", "conv*", "--solver", "SGD"])
     assert code == 0
     text = capsys.readouterr().out
-    assert "coercing fc6 -> fc6-conv weight from (256, 2304) to (256, 64, 6, 6)" in text
-    assert "dropping fc8 weight" in text  # 1000 classes -> 4: keeps its initialisation
+    assert "transplant: " in text and "copying" not in text  # one line; the rest in a file
+    full = (out / "transplant.txt").read_text()
+    assert "coercing fc6 -> fc6-conv weight from (256, 2304) to (256, 64, 6, 6)" in full
+    assert "dropping fc8 weight" in full  # 1000 classes -> 4: keeps its initialisation
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["model"]["widths"] == [24, 64, 96, 96, 64, 256, 256]
     assert metrics["data"]["val_images"] == 1 and len(metrics["train_loss"]) == 1

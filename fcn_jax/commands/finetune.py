@@ -76,6 +76,7 @@ class FinetuneConfig:
     eval_every: int = 0
     heatmap_images: int = 3
     progress: bool = True
+    verbose: bool = False
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -141,6 +142,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-every", type=int, default=0, metavar="STEPS",
                    help="also evaluate the held-out images every STEPS steps (eval_curve)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--verbose", action="store_true",
+                   help="print the whole weight transplant report (always written to "
+                   "OUT/transplant.txt)")
     p.set_defaults(func=cmd_finetune)
 
 
@@ -225,6 +229,30 @@ def fold_input_scale(params: dict, net: Any, scale: float) -> dict:
                         "reading the input; use --input-scale 1")
 
 
+def fit_score_layer(net: Any, module: Any, num_classes: int,
+                    log: Callable[[str], Any] = print) -> bool:
+    """Set ``num_output`` of the Convolution producing the score blob to ``num_classes``
+    (in ``net``, in place), as the CaffeNet path re-initialises fc8: its weights then differ in
+    shape from a caffemodel's and keep their init. Returns whether ``net`` changed; one line
+    is logged when it does."""
+    from fcn_jax.train import score_blob
+
+    try:
+        score = score_blob(module)
+    except ValueError:
+        return False
+    producer = next((lp for lp in reversed(net.layer) if score in lp.top), None)
+    if producer is None or producer.type != "Convolution":
+        return False
+    old = int(producer.convolution_param.num_output)
+    if old == num_classes:
+        return False
+    producer.convolution_param.num_output = num_classes
+    log(f"score layer {producer.name!r}: {old} -> {num_classes} outputs for the data's "
+        f"classes, re-initialised (its stored weights are not used)")
+    return True
+
+
 def build_model(cfg: FinetuneConfig, num_classes: int, log: Callable[[str], Any] = print
                 ) -> tuple[Any, dict, Any]:
     """``(module, params, net)``: CaffeNet (fully convolutional) or ``--model``, initialised
@@ -242,6 +270,8 @@ def build_model(cfg: FinetuneConfig, num_classes: int, log: Callable[[str], Any]
     if cfg.model:
         net = converters.read_prototxt(cfg.model)
         module = build_module(net, phase="TEST", path=cfg.model)
+        if fit_score_layer(net, module, num_classes, log=log):
+            module = build_module(net, phase="TEST", path=cfg.model)
     else:
         widths = tuple(cfg.widths)
         if stored is not None:
@@ -267,8 +297,14 @@ def build_model(cfg: FinetuneConfig, num_classes: int, log: Callable[[str], Any]
 
         new, report = transplant(params, stored, rename=rename)
         params = jax.tree_util.tree_map(np.asarray, new)
-        for line in report.lines():
-            log(f"  {line}")
+        from fcn_jax.io_utils import atomic_write_text
+
+        full = Path(cfg.out) / "transplant.txt"
+        atomic_write_text(full, "\n".join(report.lines()) + "\n")
+        log(f"{report.summary()}; full report in {full}")
+        if cfg.verbose:
+            for line in report.lines():
+                log(f"  {line}")
         kept = {d for _, d, _ in report.copied} | {d for _, d, *_ in report.coerced}
     if cfg.init == "msra":
         params = _refill(params, cfg.seed, kept)
@@ -468,7 +504,8 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], Any] = print) -> dict[str
         val_batches = [T.shard_batch(b, mesh) for b in val_batches]
     config_meta = {k2: (list(v) if isinstance(v, tuple) else v)
                    for k2, v in dataclasses.asdict(cfg).items()
-                   if k2 not in ("out", "resume", "progress", "steps", "checkpoint_every",
+                   if k2 not in ("out", "resume", "progress", "verbose", "steps",
+                                 "checkpoint_every",
                                  "eval_every", "keep_checkpoints", "devices")}
     history: list[float] = []
     shown = _pick_heatmap_images(val_ds, cfg.heatmap_images)
