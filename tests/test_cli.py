@@ -128,3 +128,40 @@ def test_fcn_num_classes_reinitialises_the_score_layer(tmp_path, capsys):
                  str(MINI / "caffenet_mini.caffemodel"), "-o", str(tmp_path / "c2"),
                  "--num-classes", "0"]) == 2
     assert "--num-classes must be >= 1" in _err(capsys)
+
+
+def _training_caffemodel(tmp_path, nan: bool = False):
+    """caffenet_mini's caffemodel as a training net would store it: a custom data layer
+    (unknown here) feeding data and label, and a label Slice."""
+    import converters
+
+    net = converters.read_net(MINI / "caffenet_mini.caffemodel")
+    new = type(net)()
+    new.CopyFrom(net)
+    del new.layer[:]
+    new.layer.add(name="input", type="MTCNNData", top=["data", "label"])
+    new.layer.add(name="slice", type="Slice", bottom=["label"], top=["l1", "l2"])
+    new.layer.extend(net.layer[1:])
+    path = tmp_path / ("nan.caffemodel" if nan else "train.caffemodel")
+    path.write_bytes(new.SerializeToString())
+    if nan:
+        params = converters.load_caffemodel(path)
+        params["conv1"]["bias"] = np.array(params["conv1"]["bias"])
+        params["conv1"]["bias"][3] = np.nan
+        converters.save_caffemodel(path, params, new, like=path)
+    return path
+
+
+def test_info_check_lists_the_weights_of_a_training_net(tmp_path, capsys):
+    """Issue 20 item 5: a caffemodel storing its training net (custom data layer) cannot be
+    built, but its weights are listed and checked, with one line saying why."""
+    path = _training_caffemodel(tmp_path)
+    assert main(["info", str(path), "--check"]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("blobs: unknown"))
+    assert "the stored net is not runnable (layer 'input')" in line and "MTCNNData" in line
+    assert "conv1        weight (24, 3, 11, 11)  bias (24,)" in out
+    assert "fc8          weight (1000, 256)" in out and "check: ok (0 problems)" in out
+    assert main(["info", str(_training_caffemodel(tmp_path, nan=True)), "--check"]) == 1
+    assert "check: conv1/bias: 1 non-finite values (1 NaN, 0 Inf), first at (3,)" in (
+        capsys.readouterr().out)

@@ -589,7 +589,8 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], Any] = print) -> dict[str
         viz.classification_map_figure(
             _with_boxes(val_ds[shown[0]]), target, {**dict(enumerate(names)),
                                                    labels_cfg.ignore_label: "ignore"},
-            out / "targets.png", title="sliding-window ground truth per cell")
+            out / "targets.png", title="sliding-window ground truth per cell",
+            ignore_label=labels_cfg.ignore_label)
         pred = T.eval_step(state, val_batches[shown[0] // bs])["pred"][shown[0] % bs]
         viz.classification_map_figure(val_ds[shown[0]].image, np.asarray(pred), names,
                                       out / "classes_after.png",
