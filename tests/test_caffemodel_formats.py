@@ -638,7 +638,7 @@ layer { name: "ip" type: "InnerProduct" bottom: "up" top: "ip"
 def test_float16_model_matches_opencv(tmp_path):
     """OpenCV's Caffe importer reads NVCaffe's fp16 blobs; our forward of the same file
     agrees within 1e-4 (relative to the largest output)."""
-    cv2 = pytest.importorskip("cv2")
+    cv2 = pytest.importorskip("cv2", reason="OpenCV not installed (the [opencv] test extra)")
     import jax
 
     proto = tmp_path / "fp16.prototxt"
