@@ -35,6 +35,7 @@ __all__ = [
     "loss_curve",
     "overlay",
     "show_filter_outputs",
+    "training_curves",
 ]
 
 PathLike = str | os.PathLike
@@ -396,6 +397,46 @@ def loss_curve(
         ax.set_title(title)
     if len(series) > 1 or (smooth and smooth > 1):
         ax.legend()
+    return _finish(fig, path)
+
+
+def training_curves(
+    train_loss: Sequence[float] | np.ndarray,
+    eval_curve: Sequence[Mapping[str, Any]],
+    path: PathLike | None = None,
+    *,
+    title: str | None = None,
+    smooth: int | None = None,
+) -> Figure:
+    """The training loss per step with the held-out evaluations at their steps (two axes):
+    left, the train loss and the held-out loss; right, held-out mean IoU and cell accuracy.
+    ``eval_curve``: ``{"step", "loss", "mean_iou", "cell_accuracy"}`` points, as
+    ``fcn-jax finetune`` writes in ``metrics.json``."""
+    fig = _new_figure((11.0, 4.0))
+    ax_loss, ax_eval = fig.subplots(1, 2)
+    y = np.asarray(train_loss, dtype=np.float64).ravel()
+    x = np.arange(1, y.size + 1)  # the loss of step s is reported after s steps
+    (line,) = ax_loss.plot(x, y, label="train loss", alpha=0.4 if smooth else 1.0)
+    if smooth and smooth > 1 and y.size >= smooth:
+        avg = np.convolve(y, np.ones(smooth) / smooth, mode="valid")
+        ax_loss.plot(x[smooth - 1:], avg, color=line.get_color(),
+                     label=f"train loss (avg {smooth})")
+    steps = [int(p["step"]) for p in eval_curve]
+    if eval_curve:
+        ax_loss.plot(steps, [p["loss"] for p in eval_curve], "o-", label="held-out loss")
+        ax_eval.plot(steps, [p["mean_iou"] for p in eval_curve], "o-", label="mean IoU")
+        ax_eval.plot(steps, [p["cell_accuracy"] for p in eval_curve], "s-",
+                     label="cell accuracy")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("loss")
+    ax_eval.set_xlabel("step")
+    ax_eval.set_ylabel("held-out")
+    ax_eval.set_ylim(0.0, 1.0)
+    for ax in (ax_loss, ax_eval):
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+    ax_loss.set_title(title or "training loss")
+    ax_eval.set_title("held-out evaluation")
     return _finish(fig, path)
 
 

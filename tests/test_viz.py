@@ -176,3 +176,17 @@ def test_classification_map_ignore_cells_are_grey():
     colors = [tuple(h.get_facecolor()) for h in legend.legend_handles]
     assert colors[-1] == viz.IGNORE_COLOR and viz.IGNORE_COLOR not in colors[:-1]
     assert colors[:3] == viz.class_colors(3)  # the classes keep their usual colors
+
+
+def test_training_curves_put_the_evaluations_at_their_steps(tmp_path):
+    curve = [{"step": 0, "loss": 1.2, "mean_iou": 0.1, "cell_accuracy": 0.5},
+             {"step": 10, "loss": 0.8, "mean_iou": 0.4, "cell_accuracy": 0.7}]
+    p = tmp_path / "curves.png"
+    fig = viz.training_curves(np.linspace(1.0, 0.5, 10), curve, p)
+    _check_png(p)
+    ax_loss, ax_eval = fig.axes
+    train, held = ax_loss.get_lines()
+    assert list(train.get_xdata()) == list(range(1, 11))  # loss of step s after s steps
+    assert list(held.get_xdata()) == [0, 10] and list(held.get_ydata()) == [1.2, 0.8]
+    iou, acc = ax_eval.get_lines()
+    assert list(iou.get_ydata()) == [0.1, 0.4] and list(acc.get_ydata()) == [0.5, 0.7]

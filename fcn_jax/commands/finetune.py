@@ -577,8 +577,8 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], Any] = print) -> dict[str
     T.export_caffemodel(out / "finetuned.caffemodel", fold_input_scale(
         jax.tree_util.tree_map(np.asarray, jax.device_get(state.params)), net, input_scale),
         net)
-    viz.loss_curve(history, out / "loss_curve.png", title="sliding-window loss (train)",
-                   smooth=10 if len(history) >= 20 else None)
+    viz.training_curves(history, curve, out / "loss_curve.png",
+                        title="sliding-window loss", smooth=10 if len(history) >= 20 else None)
     for n, (i, b, a) in enumerate(zip(shown, maps_before, maps_after, strict=True)):
         viz.before_after_heatmaps(
             _with_boxes(val_ds[i]), b, a, out / f"heatmap_{n}.png", vmin=0.0, vmax=1.0,
