@@ -249,7 +249,8 @@ class TransplantReport:
         if self.dropped:
             parts.append(f"{len(self.dropped)} dropped ({few([s for s, *_ in self.dropped])})")
         if self.untouched:
-            parts.append(f"{len(self.untouched)} layers keep their init "
+            n = len(self.untouched)
+            parts.append(f"{n} layer{'s keep their' if n != 1 else ' keeps its'} init "
                          f"({few(self.untouched)})")
         return "transplant: " + ", ".join(parts)
 

@@ -97,7 +97,8 @@ def test_finetune_a_cast_classifier_on_fewer_classes(tmp_path, capsys):
     assert ("score layer 'fc8-conv': 1000 -> 3 outputs for the data's classes, "
             "re-initialised") in text
     summary = [line for line in text.splitlines() if line.startswith("transplant: ")]
-    assert len(summary) == 1 and "dropped (fc8-conv)" in summary[0], text
+    assert summary == ["transplant: 14 blobs copied, 2 dropped (fc8-conv), 1 layer keeps "
+                       f"its init (fc8-conv); full report in {out / 'transplant.txt'}"], text
     assert "copying" not in text  # the full report is in the file, not on the screen
     full = (out / "transplant.txt").read_text()
     assert "copying conv1 -> conv1 weight" in full and "dropping fc8-conv weight" in full
@@ -105,6 +106,11 @@ def test_finetune_a_cast_classifier_on_fewer_classes(tmp_path, capsys):
     fc8 = next(lp for lp in exported.layer if lp.name == "fc8-conv")
     assert fc8.convolution_param.num_output == 3
     assert json.loads((out / "metrics.json").read_text())["classes"][0] == "background"
+    from fcn_jax.commands.finetune import OUTPUTS
+
+    for name in OUTPUTS:  # what the README and the final line say it writes
+        assert list(out.glob(name.rstrip("/"))), name
+    assert (out / "checkpoints" / "1").is_dir()
 
 
 def test_fcn_num_classes_reinitialises_the_score_layer(tmp_path, capsys):

@@ -169,9 +169,16 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     print(f"held-out mean IoU {ev['before']['mean_iou']:.3f} -> {ev['after']['mean_iou']:.3f}, "
           f"cell accuracy {ev['before']['cell_accuracy']:.3f} -> "
           f"{ev['after']['cell_accuracy']:.3f}")
-    print(f"wrote {cfg.out}/: metrics.json, loss_curve.png, heatmap_*.png, targets.png, "
-          f"classes_after.png, checkpoints/, finetuned.prototxt, finetuned.caffemodel")
+    wrote = [n for n in OUTPUTS if cfg.weights or n != "transplant.txt"]
+    print(f"wrote {cfg.out}/: {', '.join(wrote)}")
     return 0
+
+
+#: What ``fcn-jax finetune`` writes in ``--out`` (``transplant.txt`` with ``--weights``;
+#: ``checkpoints/<step>/`` are Orbax folders, ``--resume OUT/checkpoints`` continues).
+OUTPUTS = ("metrics.json", "loss_curve.png", "heatmap_*.png", "targets.png",
+           "classes_after.png", "checkpoints/", "finetuned.prototxt", "finetuned.caffemodel",
+           "transplant.txt")
 
 
 # ----------------------------------------------------------------------------- model
