@@ -97,6 +97,9 @@ def test_readme_python_examples_run(predict_output, capsys):
     assert np.isfinite(float(ns["loss"]))
     # the annotation example writes what fine-tuning reads
     assert ns["data"].read_annotations("annotations.jsonl")[1][1].shape == (2, 5)
+    # the Python fine-tuning example ran its two steps on the keys train_step documents
+    assert len(ns["losses"]) == 2 and all(np.isfinite(ns["losses"]))
+    assert ns["batch"](0)["label"].shape == (2, 2, 2) and int(ns["state"].step) == 2
     # the predict reader example reads what predict wrote
     assert "maps/000000.npz (9, 7) [9, 7]" in capsys.readouterr().out
 
