@@ -275,7 +275,8 @@ def minimum_input_size(net) -> tuple[int, int]:
 
 
 def _check_input_fits(net) -> None:
-    """Refuse an input too small for the cast net, naming its smallest input."""
+    """Refuse an input too small for the cast net, naming its smallest input (a net whose
+    shapes cannot be computed at any size is left to the code that runs it)."""
     shapes = input_shapes(net)
     if len(shapes) != 1:
         return
@@ -286,7 +287,7 @@ def _check_input_fits(net) -> None:
         try:
             mh, mw = minimum_input_size(net)
         except ValueError:
-            raise e from None
+            return  # not a size problem (say, a layer type not registered): cast as asked
         where = e.layer if isinstance(e, CaffeFormatError) else None
         at = f" (layer {where!r} gets no output cell)" if where else ""
         raise CaffeFormatError(
