@@ -68,12 +68,24 @@ def main(argv: list[str] | None = None) -> int:
                    help="also run `fcn-jax finetune --demo --steps N` as the CLI does (0: no)")
     p.add_argument("--table", action="store_true",
                    help="only print the README's markdown table from OUT/results.json")
+    p.add_argument("--collect", nargs="+", metavar="RUN",
+                   help="only rebuild OUT/results.json from the metrics.json of runs already "
+                   "in OUT (cli, adam, sgd), e.g. of an interrupted experiment; its date is "
+                   "the newest file's, its commit --commit")
+    p.add_argument("--commit", help="with --collect: the commit the runs were made at")
     p.add_argument("--docs-figures", action="store_true",
                    help="also copy loss_curves.png and miou_curves.png to docs/figures/")
     args = p.parse_args(argv)
     if args.table:
         print(markdown_table(json.loads((Path(args.out) / "results.json").read_text())))
         return 0
+    collected = None
+    if args.collect:
+        collected = {}
+        for name in args.collect:
+            path = Path(args.out) / name.lower() / "metrics.json"
+            collected["cli" if name == "cli" else name] = dict(
+                json.loads(path.read_text()), wall_s=None, _mtime=path.stat().st_mtime)
 
     import jax
 
@@ -85,7 +97,14 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     commit = _git_commit()
     runs = {}
-    if args.cli_steps:
+    if collected is not None:
+        runs = {k: {k2: v for k2, v in r.items() if k2 != "_mtime"}
+                for k, r in collected.items()}
+        started = datetime.datetime.fromtimestamp(
+            max(r["_mtime"] for r in collected.values()), datetime.timezone.utc
+        ).isoformat(timespec="seconds")
+        commit = args.commit
+    if args.cli_steps and collected is None:
         from fcn_jax.cli import build_parser
 
         cli_args = build_parser().parse_args(
@@ -97,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         runs["cli"] = finetune(cfg, log=lambda s: print("  " + s, flush=True))
         runs["cli"]["wall_s"] = round(time.perf_counter() - t, 1)
-    for solver in args.solvers:
+    for solver in args.solvers if collected is None else ():
         cfg = FinetuneConfig(
             out=str(out / solver.lower()), steps=args.steps, demo=True, solver=solver,
             lr=LEARNING_RATES[solver], batch_size=args.batch_size, val_images=args.val_images,
@@ -122,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             "acc_before": b["cell_accuracy"], "acc_after": a["cell_accuracy"],
             "iou_after": a["iou"], "train_loss_first20": float(np.mean(r["train_loss"][:20])),
             "train_loss_last20": float(np.mean(tail)) if tail else None,
-            "train_s": r["time_s"]["train"], "wall_s": r["wall_s"],
+            "train_s": r["time_s"]["train"], "wall_s": r["wall_s"] or r["time_s"]["total"],
             "ms_per_step": 1000 * r["time_s"]["train"] / max(len(r["train_loss"]), 1),
         })
     names = next(iter(runs.values()))["classes"]
