@@ -755,10 +755,16 @@ def caffe_blob_shape(layer, name: str, shape: tuple[int, ...]) -> tuple[int, ...
     return fitted
 
 
-def _legacy_records(like, budget: int) -> dict[str, dict[int, tuple[int, ...]]]:
+_STORAGE = {"<f4": "float32", "<f8": "float64", "<f2": "float16"}
+
+
+def _legacy_records(like, budget: int) -> tuple[dict[str, dict[int, tuple[int, ...]]], str]:
     """The legacy 4-D shape records (num, channels, height, width) of a caffemodel's blobs,
-    by layer name and blob index; ``like`` is a caffemodel path or a ``NetParameter``."""
+    by layer name and blob index, and the storage type holding most of its values (one of
+    ``BLOB_DTYPES``; float32 for a file without blobs); ``like`` is a caffemodel path or a
+    ``NetParameter``."""
     records: dict[str, dict[int, tuple[int, ...]]] = {}
+    volume = dict.fromkeys(BLOB_DTYPES, 0)
     if isinstance(like, (str, os.PathLike)):
         raw = read_file(like, budget)
         scan = wire.scan_caffemodel(raw)
@@ -769,13 +775,19 @@ def _legacy_records(like, budget: int) -> dict[str, dict[int, tuple[int, ...]]]:
                 found = {j: r.dims for j, r in enumerate(refs) if r.legacy}
                 if found:
                     records[layer.name] = found
-            return records
+                for r in refs:
+                    volume[_STORAGE.get(r.dtype, "float32")] += r.nbytes
+            return records, max(volume, key=volume.get) if any(volume.values()) else "float32"
         like = parse_caffemodel(raw, like)
     for layer in list(like.layer) + list(like.layers):
         found = {j: blob_dims(b) for j, b in enumerate(layer.blobs) if _has_legacy_dims(b)}
         if found:
             records[layer.name] = found
-    return records
+        for j, b in enumerate(layer.blobs):
+            values, kind, _ = _blob_values(b, "<net>", layer.name, f"blobs[{j}]")
+            volume[_STORAGE[kind]] += len(values) * (
+                1 if isinstance(values, (bytes, memoryview)) else np.dtype(kind).itemsize)
+    return records, max(volume, key=volume.get) if any(volume.values()) else "float32"
 
 
 def _write_blob(blob, arr: Any, shape: tuple[int, ...], legacy: tuple[int, ...] | None,
@@ -805,21 +817,25 @@ def _write_blob(blob, arr: Any, shape: tuple[int, ...], legacy: tuple[int, ...] 
 
 
 def build_caffemodel(params: Mapping[str, Mapping[str, Any]], net, *, like=None,
-                     dtype: str = "float32") -> bytes:
+                     dtype: str | None = None) -> bytes:
     """Serialise ``params`` into a V2 caffemodel for ``net`` (a NetParameter or prototxt path).
 
     Every layer of ``net`` is written with its definition; layers with entries in ``params``
     get their blobs in Caffe's order, each with the shape record Caffe's layer setup gives
     it (``caffe_blob_shape``). ``like`` (a caffemodel path or NetParameter, e.g. the file
     the params were read from) keeps its legacy num/channels/height/width records for blobs
-    whose shape they still describe. ``dtype``: one of ``BLOB_DTYPES``. Unknown layer names
-    or blob names, and arrays that cannot be their blob, raise.
+    whose shape they still describe, and its storage type. ``dtype``: one of
+    ``BLOB_DTYPES``; default the storage type of most of ``like``'s values (an NVCaffe fp16
+    file stays fp16), else float32. Unknown layer names or blob names, and arrays that
+    cannot be their blob, raise.
     """
-    if dtype not in BLOB_DTYPES:
+    if dtype is not None and dtype not in BLOB_DTYPES:
         raise ValueError(f"dtype must be one of {BLOB_DTYPES}, got {dtype!r}")
     if isinstance(net, (str, os.PathLike)):
         net = read_prototxt(net)
-    legacy = {} if like is None else _legacy_records(like, resolve_memory_budget())
+    legacy, like_dtype = ({}, "float32") if like is None else _legacy_records(
+        like, resolve_memory_budget())
+    dtype = dtype or like_dtype
     out = caffe_fast_pb2.NetParameter()
     out.name = net.name
     known = {layer.name for layer in net.layer}
@@ -854,11 +870,12 @@ def build_caffemodel(params: Mapping[str, Mapping[str, Any]], net, *, like=None,
 
 
 def save_caffemodel(path: PathLike, params: Mapping[str, Mapping[str, Any]], net, *,
-                    like=None, dtype: str = "float32") -> None:
+                    like=None, dtype: str | None = None) -> None:
     """Write ``params`` as a V2 ``.caffemodel`` that Caffe loads, atomically (temp + rename).
 
     Each blob gets exactly the shape record Caffe gives it (see ``build_caffemodel``;
-    ``like=`` the source caffemodel keeps its legacy 4-D records). ``dtype="float16"``
+    ``like=`` the source caffemodel keeps its legacy 4-D records and, unless ``dtype`` is
+    given, its storage type; the default without ``like`` is float32). ``dtype="float16"``
     writes NVIDIA Caffe's half-precision ``raw_data`` (read by OpenCV and NVCaffe, not by
     BVLC Caffe); ``"float64"`` Caffe's ``double_data``.
     """

@@ -288,7 +288,20 @@ def main() -> None:
                     help="write docs/figures/designer_filters.png and dense_windows.png")
     ap.add_argument("--out", default="results/net_surgery.json")
     args = ap.parse_args()
-    results: dict = {"jax": jax.__version__, "devices": str(jax.devices())}
+    import datetime
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], check=True,
+                                capture_output=True, text=True).stdout.strip()
+        if subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain",
+                           "--untracked-files=no"], capture_output=True, text=True).stdout:
+            commit += "-dirty"
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    results: dict = {"jax": jax.__version__, "devices": str(jax.devices()), "commit": commit,
+                     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                         timespec="seconds"), "cpus": os.cpu_count()}
     t0 = time.perf_counter()
     designer_filters(results, args.docs_figures)
     ctx = cast_and_dense(args, results, args.docs_figures)

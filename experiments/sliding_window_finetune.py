@@ -17,14 +17,19 @@ It also runs ``fcn-jax finetune --demo --steps 200`` exactly as the command line
 records the date and the git commit they were made at.
 
     python experiments/sliding_window_finetune.py   # README table: results/sliding_window_finetune/
+    python experiments/sliding_window_finetune.py --table   # the README's table from results.json
+
+``--docs-figures`` also copies the two curves to ``docs/figures/`` for the README.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -61,7 +66,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--progress", action="store_true", help="show a progress bar per run")
     p.add_argument("--cli-steps", type=int, default=200,
                    help="also run `fcn-jax finetune --demo --steps N` as the CLI does (0: no)")
+    p.add_argument("--table", action="store_true",
+                   help="only print the README's markdown table from OUT/results.json")
+    p.add_argument("--collect", nargs="+", metavar="RUN",
+                   help="only rebuild OUT/results.json from the metrics.json of runs already "
+                   "in OUT (cli, adam, sgd), e.g. of an interrupted experiment; its date is "
+                   "the newest file's, its commit --commit")
+    p.add_argument("--commit", help="with --collect: the commit the runs were made at")
+    p.add_argument("--docs-figures", action="store_true",
+                   help="also copy loss_curves.png and miou_curves.png to docs/figures/")
     args = p.parse_args(argv)
+    if args.table:
+        print(markdown_table(json.loads((Path(args.out) / "results.json").read_text())))
+        return 0
+    collected = None
+    if args.collect:
+        collected = {}
+        for name in args.collect:
+            path = Path(args.out) / name.lower() / "metrics.json"
+            collected["cli" if name == "cli" else name] = dict(
+                json.loads(path.read_text()), wall_s=None, _mtime=path.stat().st_mtime)
 
     import jax
 
@@ -73,7 +97,14 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     commit = _git_commit()
     runs = {}
-    if args.cli_steps:
+    if collected is not None:
+        runs = {k: {k2: v for k2, v in r.items() if k2 != "_mtime"}
+                for k, r in collected.items()}
+        started = datetime.datetime.fromtimestamp(
+            max(r["_mtime"] for r in collected.values()), datetime.timezone.utc
+        ).isoformat(timespec="seconds")
+        commit = args.commit
+    if args.cli_steps and collected is None:
         from fcn_jax.cli import build_parser
 
         cli_args = build_parser().parse_args(
@@ -85,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         runs["cli"] = finetune(cfg, log=lambda s: print("  " + s, flush=True))
         runs["cli"]["wall_s"] = round(time.perf_counter() - t, 1)
-    for solver in args.solvers:
+    for solver in args.solvers if collected is None else ():
         cfg = FinetuneConfig(
             out=str(out / solver.lower()), steps=args.steps, demo=True, solver=solver,
             lr=LEARNING_RATES[solver], batch_size=args.batch_size, val_images=args.val_images,
@@ -110,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             "acc_before": b["cell_accuracy"], "acc_after": a["cell_accuracy"],
             "iou_after": a["iou"], "train_loss_first20": float(np.mean(r["train_loss"][:20])),
             "train_loss_last20": float(np.mean(tail)) if tail else None,
-            "train_s": r["time_s"]["train"], "wall_s": r["wall_s"],
+            "train_s": r["time_s"]["train"], "wall_s": r["wall_s"] or r["time_s"]["total"],
             "ms_per_step": 1000 * r["time_s"]["train"] / max(len(r["train_loss"]), 1),
         })
     names = next(iter(runs.values()))["classes"]
@@ -146,7 +177,29 @@ def main(argv: list[str] | None = None) -> int:
     })
     print(f"\nwrote {out}/results.json, loss_curves.png, miou_curves.png and one folder per "
           f"solver")
+    if args.docs_figures:
+        for name in ("loss_curves.png", "miou_curves.png"):
+            shutil.copyfile(out / name, ROOT / "docs" / "figures" / f"finetune_{name}")
+    print()
+    print(markdown_table(json.loads((out / "results.json").read_text())))
     return 0
+
+
+def markdown_table(results: dict) -> str:
+    """The README's table of a ``results.json``, with its date, commit and machine."""
+    env = results["environment"]
+    lines = [f"Written {results['date'][:10]} at commit `{(results['commit'] or '?')[:7]}` "
+             f"({env['cpus']} CPU cores, JAX {env['jax']}, {env['backend']}):", "",
+             "| run | held-out mean IoU before → after | per-cell accuracy | train time "
+             "| wall time |", "|---|---|---|---|---|"]
+    for r in results["rows"]:
+        run = f"`{r['run']}`" if r["run"].startswith("fcn-jax") else r["run"]
+        if not r["run"].startswith("fcn-jax"):
+            run += f" {r['steps']} steps, lr {r['lr']:g}"
+        lines.append(f"| {run} | {r['miou_before']:.3f} → {r['miou_after']:.3f} | "
+                     f"{r['acc_before']:.3f} → {r['acc_after']:.3f} | {r['train_s']:.0f} s "
+                     f"({r['ms_per_step']:.0f} ms/step) | {r['wall_s']:.0f} s |")
+    return "\n".join(lines)
 
 
 def _git_commit() -> str | None:

@@ -352,7 +352,9 @@ def demo(cfg: DemoConfig, emit: Callable[[str], None] | None = None) -> dict[str
     viz.heatmap(pmap, title=f"P({ci} {name}){tag}",
                 path=os.path.join(cfg.out, f"03_prob_{ci}.png"))
     viz.overlay(shown, pmap, path=os.path.join(cfg.out, f"04_overlay_{ci}.png"),
-                title=f"P({ci} {name}) over the {cfg.size}x{cfg.size} input{tag}")
+                windows=dense.classifier_window(clf_net),
+                title=f"P({ci} {name}) over the {cfg.size}x{cfg.size} input, each cell at "
+                      f"its window{tag}")
     viz.classification_map_figure(shown, cmap, labels=labels,
                                   path=os.path.join(cfg.out, "05_classification_map.png"),
                                   title=f"argmax class{tag}")

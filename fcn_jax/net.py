@@ -193,6 +193,21 @@ class CaffeGraph(nn.Module):
     def input_shapes(self) -> dict[str, tuple[int, ...] | None]:
         return given_input_shapes(self.layers)
 
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """The net's output blobs, pycaffe's ``net.outputs``: blobs no later layer reads (an
+        in-place layer's top stays an output), in net order (Caffe lists the same blobs
+        sorted by name). ``apply`` returns a dict sorted by name under ``jit``, so take
+        ``out[module.outputs[-1]]``, never ``list(out)[-1]``."""
+        available: dict[str, None] = {}
+        for s in self.layers:
+            for b in s.bottoms:
+                available.pop(b, None)
+            for t in s.tops:
+                available.pop(t, None)  # a top written again moves to its new place
+                available[t] = None
+        return tuple(available)
+
     @nn.compact
     def __call__(self, x: Array | Mapping[str, Array], *, train: bool = False,
                  outputs: tuple[str, ...] | None = None) -> dict[str, Array]:

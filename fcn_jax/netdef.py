@@ -192,6 +192,9 @@ def fully_convolutional_net(net, input_shape: Sequence[int] | None = None,
     """
     net = as_net(net)
     plan = fully_conv_plan(net, classifier_shape, suffix)
+    if not plan.casts:
+        raise CaffeFormatError("no InnerProduct layer: nothing to cast (the net is fully "
+                               "convolutional already)", field="layer")
     casts = {c.name: c for c in plan.casts}
     renames = dict(plan.blob_renames)
     pools = dict(plan.pooling_kernels)
@@ -230,7 +233,67 @@ def fully_convolutional_net(net, input_shape: Sequence[int] | None = None,
         tops = [renames.get(t, t) for t in new.top]
         del new.top[:]
         new.top.extend(tops)
+    if input_shape is not None:
+        _check_input_fits(out)
     return out
+
+
+def _runs(net, hw: tuple[int, int]) -> bool:
+    shapes = input_shapes(net)
+    name, shape = next(iter(shapes.items()))
+    try:
+        layer_table.blob_shapes(layer_table.compile_net(net),
+                                {**shapes, name: tuple(shape[:-2]) + tuple(hw)})
+    except (CaffeFormatError, ValueError):
+        return False
+    return True
+
+
+def minimum_input_size(net) -> tuple[int, int]:
+    """The smallest input (H, W) a single-input net runs on (every blob at least one cell),
+    each side searched with the other at the net's own size, which must run (or be reached
+    by doubling). For a cast classifier it is close to the classifier's input: CaffeNet's
+    fully convolutional form needs 227 x 227 for its one output cell."""
+    net = as_net(net)
+    shapes = input_shapes(net)
+    if len(shapes) != 1 or len(next(iter(shapes.values()))) != 4:
+        raise ValueError("minimum_input_size needs a net with one 4-D input")
+    h, w = next(iter(shapes.values()))[2:]
+    while not _runs(net, (h, w)):
+        if max(h, w) > 1 << 16:
+            raise ValueError("the net runs on no input up to 65536 px")
+        h, w = 2 * h, 2 * w
+
+    def smallest(ok) -> int:  # the least s in [1, hi] with ok(s), ok monotone
+        lo, hi = 1, max(h, w)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if ok(mid) else (mid + 1, hi)
+        return lo
+
+    return (smallest(lambda s: _runs(net, (s, w))), smallest(lambda s: _runs(net, (h, s))))
+
+
+def _check_input_fits(net) -> None:
+    """Refuse an input too small for the cast net, naming its smallest input (a net whose
+    shapes cannot be computed at any size is left to the code that runs it)."""
+    shapes = input_shapes(net)
+    if len(shapes) != 1:
+        return
+    name, shape = next(iter(shapes.items()))
+    try:
+        layer_table.blob_shapes(layer_table.compile_net(net), shapes)
+    except (CaffeFormatError, ValueError) as e:
+        try:
+            mh, mw = minimum_input_size(net)
+        except ValueError:
+            return  # not a size problem (say, a layer type not registered): cast as asked
+        where = e.layer if isinstance(e, CaffeFormatError) else None
+        at = f" (layer {where!r} gets no output cell)" if where else ""
+        raise CaffeFormatError(
+            f"input {shape[-2]}x{shape[-1]} is too small for the fully convolutional net"
+            f"{at}: its smallest input is {mh}x{mw}, for one output cell",
+            field="input_shape") from None
 
 
 def _set_input_shape(layer, input_shape: Sequence[int]) -> None:
@@ -374,4 +437,4 @@ def fold_batchnorm_net(net, folds: Sequence[BatchNormFold] | None = None):
 
 __all__ = ["BatchNormFold", "FcCast", "FullyConvPlan", "as_net", "batchnorm_folds",
            "blob_shapes", "fold_batchnorm_net", "fully_conv_plan", "fully_convolutional_net",
-           "input_shapes"]
+           "input_shapes", "minimum_input_size"]

@@ -10,10 +10,11 @@ padded), runs the jit-compiled net batch by batch and writes results as it goes:
     ``{"shard", "key", "shape"}`` pointing at the maps, and ``top_k`` ranks the classes by
     their score averaged over the whole map; ``{"image", "error"}`` for an image that could
     not be read.
-``OUT/maps/NNNNNN.npz`` (dense mode)
+``OUT/maps/NNNNNN.npz`` (dense and blob modes)
     one archive per batch, written atomically *before* its records: ``KEY_argmax`` (H, W)
     class map, ``KEY_score`` (H, W) its score, and ``KEY_blob`` (C, H, W) with
-    ``save_blob``.
+    ``save_blob``; in the blob mode (``save_blob`` without ``dense``) only ``KEY_blob``,
+    the output blob of any shape.
 ``OUT/run.json``, ``OUT/summary.json``
     everything that decides an output (:func:`run_fingerprint`: net and weights digests,
     preprocessing, input size, dtype, output blob, dense/top_k/labels), and counts, failures
@@ -61,8 +62,13 @@ class PredictConfig:
     """What to compute and write. ``top_k`` classes per image from ``blob`` (default: the
     net's last blob; ``top_k`` None: 5, or all classes when fewer); ``dense`` writes
     per-pixel class maps of a (N, C, H, W) blob and ranks classes by their mean score over
-    the map. ``labels`` name the classes (one per class); without them, a blob of 1000
-    classes is named with ImageNet's synset words unless ``imagenet_labels`` is False."""
+    the map. ``save_blob`` without ``dense`` is the blob mode: the whole output blob of
+    each image is stored (any shape: boxes, landmarks, features), no classes are ranked.
+    ``labels`` name the classes (one per class); without them, a blob of 1000 classes is
+    named with ImageNet's synset words unless ``imagenet_labels`` is False.
+    ``native_size``: every image at its own size (no resize; dense or blob mode), batched
+    with images of the same size bucket (``fcn_jax.inference.CompiledForward.stream``), so
+    the maps are at the image's own resolution."""
 
     batch_size: int = 8
     top_k: int | None = None
@@ -73,6 +79,7 @@ class PredictConfig:
     workers: int = 2
     max_pixels: int = MAX_PIXELS
     imagenet_labels: bool = True
+    native_size: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -81,6 +88,14 @@ class PredictConfig:
             raise ValueError(f"top_k must be positive, got {self.top_k}")
         if self.workers < 1:
             raise ValueError(f"workers must be positive, got {self.workers}")
+        if self.native_size and not (self.dense or self.save_blob):
+            raise ValueError("native_size needs dense maps or the blob mode (--dense or "
+                             "--save-blob): a classifier's output takes one input size")
+
+    @property
+    def stores_arrays(self) -> bool:
+        """Whether each image's arrays go to ``OUT/maps`` shards (dense or blob mode)."""
+        return self.dense or self.save_blob
 
 
 @dataclasses.dataclass
@@ -137,15 +152,18 @@ def list_images(paths: Sequence[str | os.PathLike] = (), directory: str | os.Pat
     return list(dict.fromkeys(out))
 
 
-def load_and_preprocess(path: str, transformer, *, max_pixels: int = MAX_PIXELS
-                        ) -> np.ndarray:
+def load_and_preprocess(path: str, transformer, *, max_pixels: int = MAX_PIXELS,
+                        native: bool = False) -> np.ndarray:
     """One image as the net's ``(C, H, W)`` float32 input (``fcn_jax.preprocess``); raises
     ``fcn_jax.images.ImageError`` on an unreadable, corrupt, oversized or non-regular file
-    (only the first frame of a multi-frame image is read)."""
-    from fcn_jax.preprocess import load_image, preprocess
+    (only the first frame of a multi-frame image is read). ``native``: at the image's own
+    size (the transformer's height and width are ignored; its mean must be per channel)."""
+    from fcn_jax.preprocess import load_image, native_config, preprocess
 
     color = transformer.input_shape[0] != 1
     img = load_image(path, color=color, max_pixels=max_pixels)
+    if native:
+        transformer = native_config(transformer, img.shape)
     return preprocess(transformer, img)
 
 
@@ -158,6 +176,14 @@ def _reason(e: BaseException) -> str:
 
 
 # ----------------------------------------------------------------------------- forward
+
+
+def _forward_native(module, params, outputs: tuple[str, ...]):
+    """The compiled forward of ``native_size`` runs: ``stream`` images of any sizes
+    (size buckets of 32 px for nets that allow padding, else exact sizes)."""
+    from .inference import compile_forward
+
+    return compile_forward(module, params, outputs=outputs)
 
 
 def _forward(module, params, outputs: tuple[str, ...]
@@ -290,7 +316,8 @@ def _loaded_batches(images: Sequence[str], transformer, cfg: PredictConfig
     one batch ahead (memory: at most two batches of images)."""
     def load(path: str):
         try:
-            return path, load_and_preprocess(path, transformer, max_pixels=cfg.max_pixels), None
+            return path, load_and_preprocess(path, transformer, max_pixels=cfg.max_pixels,
+                                             native=cfg.native_size), None
         except Exception as e:  # any decoder error: the image is skipped, the run goes on
             return path, None, _reason(e)
 
@@ -320,27 +347,40 @@ def run_predict(module, params, images: Sequence[str], out_dir: str | os.PathLik
     compared. ``on_batch(n_batches_done, summary)`` is called after each batch is written.
     """
     out = Path(out_dir)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    with _exclusive(out):
-        return _run(module, params, images, out, transformer, cfg, resume=resume,
-                    progress=progress, memory_budget=memory_budget, on_batch=on_batch,
-                    net_text=net_text, sources=sources)
+    try:
+        with _exclusive(out):
+            return _run(module, params, images, out, transformer, cfg, resume=resume,
+                        progress=progress, memory_budget=memory_budget, on_batch=on_batch,
+                        net_text=net_text, sources=sources)
+    except BaseException:
+        if created:  # a refused run leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
 
 
 @contextlib.contextmanager
 def _exclusive(out: Path) -> Iterator[None]:
-    """One run per output folder at a time (an advisory lock, released if the process dies)."""
+    """One run per output folder at a time (an advisory lock, released if the process dies;
+    the lock file is removed when the run ends)."""
     try:
         import fcntl
     except ImportError:  # not POSIX
         yield
         return
-    with open(out / ".lock", "a+b") as f:
+    lock = out / ".lock"
+    with open(lock, "a+b") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise FileExistsError(f"{out}: another fcn-jax predict is writing there") from None
-        yield
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                lock.unlink()  # still held: a run starting now locks a new file
 
 
 def _run(module, params, images: Sequence[str], out: Path, transformer, cfg: PredictConfig,
@@ -361,7 +401,8 @@ def _run(module, params, images: Sequence[str], out: Path, transformer, cfg: Pre
         raise CaffeFormatError(f"the net has no blob {blob!r} (it has {list(shapes)})",
                                field="blob")
     _check_blob_shape(blob, shapes[blob], cfg)
-    cfg = _resolve_classes(cfg, blob, int(shapes[blob][1]))
+    if cfg.dense or not cfg.save_blob:  # the blob mode ranks no classes
+        cfg = _resolve_classes(cfg, blob, int(shapes[blob][1]))
     settings = run_fingerprint(module, params, transformer, cfg, blob=blob, net_text=net_text)
     if resume:
         _check_same_settings(out / "run.json", settings,
@@ -369,7 +410,7 @@ def _run(module, params, images: Sequence[str], out: Path, transformer, cfg: Pre
     record = dict(settings, sources=dict(sources or {}))
     atomic_write_bytes(out / "run.json", (json.dumps(record, indent=2) + "\n").encode())
 
-    done = finished_images(out, cfg.dense) if resume else set()
+    done = finished_images(out, cfg.stores_arrays) if resume else set()
     todo = [p for p in images if os.path.normpath(p) not in done]
     summary = PredictSummary(total=len(images), done_before=len(images) - len(todo))
     if resume:
@@ -381,12 +422,12 @@ def _run(module, params, images: Sequence[str], out: Path, transformer, cfg: Pre
         _write_summary(out, summary)
         return summary
 
-    forward = _forward(module, params, (blob,))
+    forward = (_forward_native if cfg.native_size else _forward)(module, params, (blob,))
 
     maps_dir = out / "maps"
-    if cfg.dense:
+    if cfg.stores_arrays:
         maps_dir.mkdir(exist_ok=True)
-    shard_no = _next_shard(maps_dir) if cfg.dense else 0
+    shard_no = _next_shard(maps_dir) if cfg.stores_arrays else 0
     bar = tqdm(total=len(todo), unit="img", disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()
     batches = 0
@@ -395,7 +436,7 @@ def _run(module, params, images: Sequence[str], out: Path, transformer, cfg: Pre
             for batch in _loaded_batches(todo, transformer, cfg):
                 records = _run_batch(batch, forward, blob, cfg, batch_shape, maps_dir,
                                      shard_no, summary, bar)
-                shard_no += cfg.dense
+                shard_no += cfg.stores_arrays
                 _append(journal, records)
                 summary.processed += len(batch)
                 batches += 1
@@ -417,22 +458,27 @@ def _run(module, params, images: Sequence[str], out: Path, transformer, cfg: Pre
 
 def _run_batch(batch, forward, blob: str, cfg: PredictConfig, batch_shape, maps_dir: Path,
                shard_no: int, summary: PredictSummary, bar) -> list[dict]:
-    x = np.zeros(batch_shape, np.float32)  # padded to a full batch: one compiled shape
     ok = [i for i, (_, arr, _) in enumerate(batch) if arr is not None]
-    for j, i in enumerate(ok):
-        x[j] = batch[i][1]
-    y = forward(x)[blob] if ok else None
+    if cfg.native_size:  # by size, so that images of one size bucket share a batch
+        ok.sort(key=lambda i: batch[i][1].shape)
+        outputs = dict(zip(ok, (o[blob] for o in forward.stream(
+            [batch[i][1] for i in ok], batch_size=cfg.batch_size)), strict=True))
+    else:
+        x = np.zeros(batch_shape, np.float32)  # padded to a full batch: one compiled shape
+        for j, i in enumerate(ok):
+            x[j] = batch[i][1]
+        y = forward(x)[blob] if ok else None
+        outputs = {i: y[j] for j, i in enumerate(ok)}
     records: list[dict] = []
     arrays: dict[str, np.ndarray] = {}
     shard = f"maps/{shard_no:06d}.npz"
-    row = {i: j for j, i in enumerate(ok)}
     for i, (path, _, error) in enumerate(batch):
         if error is not None:
             summary.failed.append(path)
             bar.write(f"warning: skipping {path}: {error}", file=sys.stderr)
             records.append({"image": path, "error": error})
             continue
-        out = y[row[i]]
+        out = outputs[i]
         finite = bool(np.all(np.isfinite(out)))
         if not finite:
             summary.nonfinite += 1
@@ -448,6 +494,10 @@ def _run_batch(batch, forward, blob: str, cfg: PredictConfig, batch_shape, maps_
             rec.update(shard=shard, key=key, shape=list(amax.shape),
                        top_k=top_k(out.reshape(out.shape[0], -1).mean(axis=1), cfg.top_k,
                                    cfg.labels))
+        elif cfg.save_blob:  # the blob mode: the output as it is
+            key = f"i{i}"
+            arrays[f"{key}_blob"] = np.asarray(out, np.float32)
+            rec.update(shard=shard, key=key, shape=list(np.shape(out)))
         else:
             rec["top_k"] = top_k(out, cfg.top_k, cfg.labels)
         rec["nonfinite"] = not finite
@@ -469,6 +519,8 @@ def _last_blob(module, shapes: Mapping[str, Any]) -> str:
 
 
 def _check_blob_shape(blob: str, shape: tuple[int, ...], cfg: PredictConfig) -> None:
+    if cfg.save_blob and not cfg.dense:
+        return  # the blob mode stores any shape
     if cfg.dense:
         if len(shape) != 4:
             raise CaffeFormatError(f"--dense needs an (N, C, H, W) blob; {blob!r} is {shape}",
@@ -571,6 +623,7 @@ def run_fingerprint(module, params, transformer, cfg: PredictConfig, *, blob: st
         "blob": blob,
         "dense": cfg.dense,
         "save_blob": cfg.save_blob,
+        "native_size": cfg.native_size,
         "top_k": cfg.top_k,
         "labels_digest": (None if cfg.labels is None
                           else _digest(["\n".join(cfg.labels).encode()])),

@@ -37,9 +37,11 @@ __all__ = [
     "TransformerConfig",
     "caffe_transformer",
     "deprocess",
+    "image_dims",
     "imagenet_mean_bgr",
     "load_image",
     "load_mean",
+    "native_config",
     "preprocess",
     "resize_image",
 ]
@@ -133,8 +135,9 @@ class TransformerConfig:
     ``raw_scale``, ``mean`` and ``input_scale`` mean what the matching
     ``Transformer.set_*`` calls mean; ``None`` disables a step.  ``mean`` is a
     per-channel ``(C,)`` vector or a ``(C, H', W')`` mean image (``(H', W')`` for
-    C == 1); a mean image larger than the input is center-cropped (extension).
-    The mean is stored as a read-only float64 copy.
+    C == 1); a mean image larger than the input is center-cropped (extension),
+    and a ``(C, 1, 1)`` mean is per-channel (extension).  The mean is stored as a
+    read-only float64 copy.
     """
 
     input_shape: tuple[int, int, int]
@@ -202,7 +205,9 @@ def _prepare_mean(mean: Any, input_shape: tuple[int, int, int]) -> np.ndarray:
         if m.shape[0] != c:
             raise ValueError(f"mean has {m.shape[0]} channels, input has {c}")
         mh, mw = m.shape[1:]
-        if (mh, mw) != (h, w):
+        if (mh, mw) == (1, 1):
+            pass  # a per-channel mean already in broadcast form (a config copied by replace)
+        elif (mh, mw) != (h, w):
             if mh < h or mw < w:
                 raise ValueError(
                     f"mean image {m.shape[1:]} is smaller than the input {(h, w)}; "
@@ -251,7 +256,7 @@ def preprocess(cfg: TransformerConfig, image: np.ndarray) -> np.ndarray:
     x = np.array(image, dtype=np.float32)  # private copy
     if x.ndim != 3:
         raise ValueError(f"preprocess expects an H x W x K image, got shape {x.shape}")
-    in_dims = cfg.input_shape[1:]
+    in_dims = image_dims(cfg)
     if x.shape[:2] != in_dims:
         x = resize_image(x, in_dims)
     if cfg.transpose is not None:
@@ -274,6 +279,29 @@ def preprocess(cfg: TransformerConfig, image: np.ndarray) -> np.ndarray:
     if x.shape != cfg.input_shape:
         raise ValueError(f"preprocessed blob has shape {x.shape}, expected {cfg.input_shape}")
     return x
+
+
+def image_dims(cfg: TransformerConfig) -> tuple[int, int]:
+    """The (height, width) an image is resized to so that, after ``cfg.transpose``, it has
+    the input's shape: ``input_shape[1:]`` for the usual ``(2, 0, 1)``, swapped for
+    MTCNN's ``(2, 1, 0)`` (pycaffe resizes to ``input_shape[1:]`` whatever the order);
+    without a transpose the input is the image's own ``H x W x K`` layout."""
+    if cfg.transpose is None:
+        return cfg.input_shape[:2]
+    t = cfg.transpose
+    return cfg.input_shape[t.index(0)], cfg.input_shape[t.index(1)]
+
+
+def native_config(cfg: TransformerConfig, image_shape: Sequence[int]) -> TransformerConfig:
+    """``cfg`` for an ``H x W x K`` image at its own size: the input shape the image has
+    after the transpose, nothing resized; a per-channel mean is kept, a mean image refused."""
+    if cfg.mean is not None and cfg.mean.shape[1:] != (1, 1):
+        raise ValueError(f"a mean image {cfg.mean.shape} cannot be subtracted from images at "
+                         "their own sizes; use a per-channel mean")
+    h, w = (int(d) for d in image_shape[:2])
+    hwc = (h, w, cfg.input_shape[0])
+    shape = hwc if cfg.transpose is None else tuple(hwc[a] for a in cfg.transpose)
+    return dataclasses.replace(cfg, input_shape=shape)
 
 
 def deprocess(cfg: TransformerConfig, blob: np.ndarray) -> np.ndarray:

@@ -235,6 +235,25 @@ class TransplantReport:
         out += [f"keeping {d} (nothing transplanted)" for d in self.untouched]
         return out
 
+    def summary(self) -> str:
+        """One line: how many blobs were copied, coerced and dropped, and which layers kept
+        their init (at most 5 named)."""
+        def few(names: Sequence[str]) -> str:
+            names = list(dict.fromkeys(names))
+            more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+            return ", ".join(names[:5]) + more
+
+        parts = [f"{len(self.copied)} blobs copied"]
+        if self.coerced:
+            parts.append(f"{len(self.coerced)} reshaped ({few([d for _, d, *_ in self.coerced])})")
+        if self.dropped:
+            parts.append(f"{len(self.dropped)} dropped ({few([s for s, *_ in self.dropped])})")
+        if self.untouched:
+            n = len(self.untouched)
+            parts.append(f"{n} layer{'s keep their' if n != 1 else ' keeps its'} init "
+                         f"({few(self.untouched)})")
+        return "transplant: " + ", ".join(parts)
+
     def __str__(self) -> str:
         return "\n".join(self.lines())
 

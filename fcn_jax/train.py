@@ -398,6 +398,15 @@ def _loss(state: TrainState, params: Params, batch: Mapping[str, Array], *, trai
 
 
 def _train_step(state: TrainState, batch: Mapping[str, Array]) -> tuple[TrainState, dict]:
+    """One solver step on ``batch``; returns ``(new_state, {"loss", "loss_map", "accuracy"})``.
+
+    ``batch["image"]``: ``(N, C, H, W)`` float32 net inputs, preprocessed as at inference
+    (``fcn_jax.data.input_transformer``: BGR, x255, minus the mean). ``batch["label"]``:
+    ``(N, h, w)`` int32, one class per cell of the score blob (``state.score``, whose
+    ``(N, K, h, w)`` map the loss is a per-cell softmax over), made from boxes by
+    :func:`batch_labels`; cells equal to ``state.loss.ignore_label`` (255) do not count.
+    Pure: the dropout key is ``fold_in(state.rng, state.step)``.
+    """
     key = jax.random.fold_in(state.rng, state.step)
 
     def loss_fn(params):
@@ -457,8 +466,10 @@ def fit(state: TrainState, batch_fn: Callable[[int], Mapping[str, Any]], steps: 
     history: list[float] = []
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         pending = pool.submit(batch_fn, start) if steps > 0 else None
-        bar = tqdm(range(start, start + steps), desc=desc, disable=not progress, unit="step")
-        for step in bar:
+        # counts from the resumed step: "150/200" after a resume at 150, not "0/50"
+        bar = tqdm(total=start + steps, initial=start, desc=desc, disable=not progress,
+                   unit="step")
+        for step in range(start, start + steps):
             batch = pending.result()
             if step + 1 < start + steps:
                 pending = pool.submit(batch_fn, step + 1)
@@ -469,9 +480,11 @@ def fit(state: TrainState, batch_fn: Callable[[int], Mapping[str, Any]], steps: 
                 bar.close()
                 raise FloatingPointError(f"loss is {loss} at step {step}; lower the learning "
                                          f"rate")
-            bar.set_postfix(loss=f"{loss:.4f}")
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            bar.update(1)
             if on_step is not None:
                 on_step(step, state, metrics)
+        bar.close()
     return state, history
 
 

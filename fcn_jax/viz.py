@@ -30,10 +30,12 @@ __all__ = [
     "class_colors",
     "classification_map_figure",
     "filter_grid",
+    "IGNORE_COLOR",
     "heatmap",
     "loss_curve",
     "overlay",
     "show_filter_outputs",
+    "training_curves",
 ]
 
 PathLike = str | os.PathLike
@@ -214,28 +216,63 @@ def overlay(
     alpha: float = 0.5,
     path: PathLike | None = None,
     *,
+    windows: Any = None,
     interp: str = "bilinear",
     cmap: str = "jet",
     title: str | None = None,
     vmin: float | None = None,
     vmax: float | None = None,
+    show_window: bool = True,
 ) -> Figure:
-    """``prob_map`` upsampled (``interp``: nearest/bilinear) to the image and overlaid.
+    """``prob_map`` over the image (``interp``: nearest/bilinear).
 
+    With ``windows`` (a :class:`fcn_jax.dense.CellWindows`: ``dense.classifier_window``,
+    ``dense.receptive_field`` or ``train.window_geometry``) each cell is drawn at its input
+    window: a ``stride``-sized tile centred on the window's centre, so the map covers only
+    where cells are (CaffeNet at 451 px: pixels 97 .. 352), and, with ``show_window``, the
+    window of the highest cell is outlined. Without ``windows`` the map is stretched over
+    the whole image, which misplaces the cells of any net whose windows do not tile it.
     Two axes: the image with the map on top, and the map's colorbar.
     """
     im, im_cmap = _display_image(image)
-    m = _upsample(_as_map(prob_map), im.shape[:2], interp)
+    m = _as_map(prob_map)
+    if interp not in ("nearest", "bilinear"):
+        raise ValueError(f"interp must be 'nearest' or 'bilinear', got {interp!r}")
     fig = _new_figure((6.0, 6.0 * im.shape[0] / im.shape[1] + 0.6))
     ax = fig.subplots()
     ax.imshow(im, cmap=im_cmap)
-    art = ax.imshow(m, cmap=cmap, alpha=alpha, vmin=vmin, vmax=vmax, interpolation="nearest")
+    if windows is None:
+        art = ax.imshow(_upsample(m, im.shape[:2], interp), cmap=cmap, alpha=alpha,
+                        vmin=vmin, vmax=vmax, interpolation="nearest")
+    else:
+        (sy, sx), (ty, tx), (oy, ox) = windows.size, windows.stride, windows.offset
+        # cell (0, 0)'s tile, centred on its window; pixel k spans [k - 0.5, k + 0.5]
+        top, left = oy + sy / 2 - ty / 2 - 0.5, ox + sx / 2 - tx / 2 - 0.5
+        extent = (left, left + tx * m.shape[1], top + ty * m.shape[0], top)
+        art = ax.imshow(m, cmap=cmap, alpha=alpha, vmin=vmin, vmax=vmax, extent=extent,
+                        interpolation=interp)
+        if show_window:
+            from matplotlib.patches import Rectangle
+
+            i, j = np.unravel_index(int(np.argmax(m)), m.shape)
+            y0, x0, y1, x1 = windows.window(int(i), int(j))
+            ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False,
+                                   edgecolor="white", linestyle="--", linewidth=1.5,
+                                   label=f"window of cell ({i}, {j})"))
+            ax.legend(loc="lower right", fontsize="small", framealpha=0.6)
+        ax.set_xlim(-0.5, im.shape[1] - 0.5)
+        ax.set_ylim(im.shape[0] - 0.5, -0.5)
     if title:
         ax.set_title(title, wrap=True, fontsize="medium")
     _off(ax)
     cbar = fig.colorbar(art, ax=ax, shrink=0.8)
     cbar.solids.set_alpha(1.0)  # an opaque scale even though the overlay is translucent
     return _finish(fig, path)
+
+
+#: The color of ignored cells (``classification_map_figure(ignore_label=...)``): a neutral
+#: grey that no class gets.
+IGNORE_COLOR = (0.62, 0.62, 0.62, 1.0)
 
 
 def classification_map_figure(
@@ -245,13 +282,16 @@ def classification_map_figure(
     path: PathLike | None = None,
     *,
     title: str | None = None,
+    ignore_label: int | None = None,
 ) -> Figure:
     """The image and its argmax class map, with a discrete colormap and a legend.
 
     ``class_map`` is an integer ``H x W`` map, or ``(K, H, W)`` scores whose
     argmax over K is taken.  Only the classes present get a color and a legend
     entry (named by ``labels[c]`` when given, e.g. ``fcn_jax.imagenet_labels()``); the
-    colors of the classes shown are pairwise distinct (:func:`class_colors`).
+    colors of the classes shown are pairwise distinct (:func:`class_colors`). Cells equal
+    to ``ignore_label`` (a training target's "don't care") are drawn in neutral grey
+    (:data:`IGNORE_COLOR`), named "ignore" unless ``labels`` names them.
     """
     cm = np.asarray(class_map)
     while cm.ndim > 3 and cm.shape[0] == 1:
@@ -262,7 +302,10 @@ def classification_map_figure(
         raise ValueError(f"class_map must be H x W or (K, H, W), got shape {np.shape(class_map)}")
     cm = cm.astype(np.int64)
     present = np.unique(cm)
-    palette = class_colors(len(present))
+    ignored = ignore_label is not None and int(ignore_label) in present
+    palette = class_colors(len(present) - int(ignored))
+    if ignored:
+        palette.insert(int(np.searchsorted(present, int(ignore_label))), IGNORE_COLOR)
     index = np.searchsorted(present, cm)
     cmap = ListedColormap(palette)
     norm = BoundaryNorm(np.arange(len(present) + 1) - 0.5, len(present))
@@ -278,12 +321,12 @@ def classification_map_figure(
         _off(ax)
 
     def name(c: int) -> str:
-        if labels is None:
-            return str(c)
         try:
-            return f"{c}: {labels[c]}"
+            if labels is not None:
+                return f"{c}: {labels[c]}"
         except (IndexError, KeyError):
-            return str(c)
+            pass
+        return f"{c}: ignore" if ignored and c == int(ignore_label) else str(c)
 
     handles = [Patch(color=palette[k], label=name(int(c))) for k, c in enumerate(present)]
     ax_map.legend(
@@ -354,6 +397,46 @@ def loss_curve(
         ax.set_title(title)
     if len(series) > 1 or (smooth and smooth > 1):
         ax.legend()
+    return _finish(fig, path)
+
+
+def training_curves(
+    train_loss: Sequence[float] | np.ndarray,
+    eval_curve: Sequence[Mapping[str, Any]],
+    path: PathLike | None = None,
+    *,
+    title: str | None = None,
+    smooth: int | None = None,
+) -> Figure:
+    """The training loss per step with the held-out evaluations at their steps (two axes):
+    left, the train loss and the held-out loss; right, held-out mean IoU and cell accuracy.
+    ``eval_curve``: ``{"step", "loss", "mean_iou", "cell_accuracy"}`` points, as
+    ``fcn-jax finetune`` writes in ``metrics.json``."""
+    fig = _new_figure((11.0, 4.0))
+    ax_loss, ax_eval = fig.subplots(1, 2)
+    y = np.asarray(train_loss, dtype=np.float64).ravel()
+    x = np.arange(1, y.size + 1)  # the loss of step s is reported after s steps
+    (line,) = ax_loss.plot(x, y, label="train loss", alpha=0.4 if smooth else 1.0)
+    if smooth and smooth > 1 and y.size >= smooth:
+        avg = np.convolve(y, np.ones(smooth) / smooth, mode="valid")
+        ax_loss.plot(x[smooth - 1:], avg, color=line.get_color(),
+                     label=f"train loss (avg {smooth})")
+    steps = [int(p["step"]) for p in eval_curve]
+    if eval_curve:
+        ax_loss.plot(steps, [p["loss"] for p in eval_curve], "o-", label="held-out loss")
+        ax_eval.plot(steps, [p["mean_iou"] for p in eval_curve], "o-", label="mean IoU")
+        ax_eval.plot(steps, [p["cell_accuracy"] for p in eval_curve], "s-",
+                     label="cell accuracy")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("loss")
+    ax_eval.set_xlabel("step")
+    ax_eval.set_ylabel("held-out")
+    ax_eval.set_ylim(0.0, 1.0)
+    for ax in (ax_loss, ax_eval):
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+    ax_loss.set_title(title or "training loss")
+    ax_eval.set_title("held-out evaluation")
     return _finish(fig, path)
 
 

@@ -638,7 +638,7 @@ layer { name: "ip" type: "InnerProduct" bottom: "up" top: "ip"
 def test_float16_model_matches_opencv(tmp_path):
     """OpenCV's Caffe importer reads NVCaffe's fp16 blobs; our forward of the same file
     agrees within 1e-4 (relative to the largest output)."""
-    cv2 = pytest.importorskip("cv2")
+    cv2 = pytest.importorskip("cv2", reason="OpenCV not installed (the [opencv] test extra)")
     import jax
 
     proto = tmp_path / "fp16.prototxt"
@@ -662,3 +662,31 @@ def test_float16_model_matches_opencv(tmp_path):
         ref = cvnet.forward(layer).reshape(np.shape(blobs[name]))
         err = float(np.max(np.abs(np.asarray(blobs[name], np.float64) - ref)))
         assert err <= 1e-4 * float(np.max(np.abs(ref))), (name, err)
+
+
+def test_save_like_an_fp16_file_keeps_fp16(tmp_path):
+    """Issue 20 item 12: ``like=`` an NVCaffe fp16 file writes fp16 (not float32, twice the
+    size) unless ``dtype=`` says otherwise; a float32 or float64 source keeps its type."""
+    net = converters.read_prototxt(DATA / "zoo" / "prelu.prototxt")
+    params = converters.load_caffemodel(DATA / "zoo" / "prelu.caffemodel")
+    half = tmp_path / "h.caffemodel"
+    converters.save_caffemodel(half, params, net, dtype="float16")
+    again = tmp_path / "again.caffemodel"
+    converters.save_caffemodel(again, converters.load_caffemodel(half), net, like=half)
+    for blobs in blobs_by_layer(again.read_bytes()).values():
+        assert blobs[0].raw_data_type == 2 and not blobs[0].data
+    assert again.read_bytes() == half.read_bytes()  # halves -> float32 -> halves: exact
+    single = tmp_path / "s.caffemodel"
+    converters.save_caffemodel(single, params, net, like=half, dtype="float32")
+    assert all(b[0].data and not b[0].raw_data
+               for b in blobs_by_layer(single.read_bytes()).values())
+    double = tmp_path / "d.caffemodel"
+    converters.save_caffemodel(double, params, net, dtype="float64")
+    for src, field in ((single, "data"), (double, "double_data")):
+        out = tmp_path / f"like_{field}.caffemodel"
+        converters.save_caffemodel(out, params, net, like=src)
+        assert all(getattr(b[0], field) for b in blobs_by_layer(out.read_bytes()).values())
+    # a NetParameter as like= (the parsed file) reads the same storage type
+    parsed = converters.read_caffemodel(half)
+    converters.save_caffemodel(again, params, net, like=parsed)
+    assert all(b[0].raw_data_type == 2 for b in blobs_by_layer(again.read_bytes()).values())

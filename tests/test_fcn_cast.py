@@ -211,3 +211,27 @@ def test_global_pooling_behind_in_place_dropout():
     assert plan.pooling_kernels == (("gp", (7, 7)),)
     out = F.fully_convolutional_net(converters.parse_prototxt(text), (1, 2, 10, 9))
     assert F.blob_shapes(out)["fc-conv"] == (1, 3, 4, 3)
+
+
+def test_too_small_input_names_the_smallest_and_no_classifier_is_refused(capsys):
+    """Issue 20 item 9. CaffeNet's fully convolutional form at 199 px: conv1 (199-11)/4+1 =
+    48, pool1 (ceil) 24, pool2 12, pool5 6 = fc6-conv's kernel: one cell; at 198: none."""
+    net = converters.read_prototxt(D / "caffenet_mini_deploy.prototxt")
+    assert F.blob_shapes(F.fully_convolutional_net(net, (199, 199)))["fc8-conv"][2:] == (1, 1)
+    with pytest.raises(CaffeFormatError, match=r"input_shape: input 198x230 is too small for "
+                       r"the fully convolutional net \(layer 'fc6-conv' gets no output "
+                       r"cell\): its smallest input is 199x199, for one output cell"):
+        F.fully_convolutional_net(net, (198, 230))
+    full = F.fully_convolutional_net(net, (300, 300))
+    from fcn_jax.netdef import minimum_input_size
+
+    assert minimum_input_size(full) == (199, 199)
+    with pytest.raises(CaffeFormatError, match="no InnerProduct layer: nothing to cast"):
+        F.fully_convolutional_net(full)
+    from fcn_jax.cli import main
+
+    assert main(["fcn", str(D / "caffenet_mini_deploy.prototxt"),
+                 str(D / "caffenet_mini.caffemodel"), "-o", "/nonexistent/x",
+                 "--input-size", "100", "100"]) == 2
+    err = capsys.readouterr().err
+    assert "input 100x100 is too small" in err and "smallest input is 199x199" in err

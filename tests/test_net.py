@@ -185,3 +185,28 @@ def test_phase_rules(tmp_path):
     np.testing.assert_array_equal(module.apply({"params": params}, x)["y"], 2 * x)
     module, params = converters.load_caffe(f, phase="TRAIN")
     np.testing.assert_array_equal(module.apply({"params": params}, x)["y"], -x)
+
+
+def test_module_outputs_are_pycaffes_net_outputs():
+    """Issue 20 item 8: ``module.outputs`` holds the blobs Caffe's Net::Init leaves in its
+    available set (tops no later layer reads; an unread input counts), in net order."""
+    from converters import parse_prototxt
+    from fcn_jax.net import build_module
+
+    text = """
+    layer { name: "in" type: "Input" top: "data" top: "label"
+            input_param { shape { dim: 1 dim: 3 dim: 8 dim: 8 } shape { dim: 1 } } }
+    layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+            convolution_param { num_output: 2 kernel_size: 3 } }
+    layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }
+    layer { name: "zbox" type: "Convolution" bottom: "conv" top: "zbox"
+            convolution_param { num_output: 4 kernel_size: 1 } }
+    layer { name: "cls" type: "Convolution" bottom: "conv" top: "cls"
+            convolution_param { num_output: 2 kernel_size: 1 } }
+    layer { name: "prob" type: "Softmax" bottom: "cls" top: "prob" }
+    """
+    module = build_module(parse_prototxt(text))
+    assert module.outputs == ("label", "zbox", "prob")
+    mini = build_module(converters.read_prototxt(
+        DATA / "caffenet_mini" / "caffenet_mini_deploy.prototxt"))
+    assert mini.outputs == ("prob",) and mini.inputs == ("data",)

@@ -470,3 +470,37 @@ def test_pycaffe_style_transformer_matches_pycaffe(cat, ref):
         assert getattr(tf.config("data"), field) == getattr(want, field), field
     with pytest.raises(KeyError, match="not one of the net's inputs"):
         tf.preprocess("label", cat)
+
+
+@pytest.mark.parametrize("order", [
+    ("transpose", "swap", "raw", "mean", "input"),
+    ("transpose", "mean", "raw", "swap", "input"),
+    ("mean", "input", "raw", "swap", "transpose"),
+    ("input", "mean", "transpose", "raw", "swap"),
+])
+def test_transformer_set_calls_in_any_order(order):
+    """pycaffe's set_* calls commute: a per-channel mean set early survives later calls
+    (issue 20 item 1: set_mean then set_raw_scale raised 'mean image (1, 1) is smaller')."""
+    from fcn_jax.preprocess import Transformer
+
+    rng = np.random.default_rng(1)
+    img = rng.random((6, 5, 3), dtype=np.float32)
+    mean = np.array([104.0, 117.0, 123.0])
+    tf = Transformer({"data": (1, 3, 6, 5)})
+    calls = {
+        "transpose": lambda: tf.set_transpose("data", (2, 0, 1)),
+        "swap": lambda: tf.set_channel_swap("data", (2, 1, 0)),
+        "raw": lambda: tf.set_raw_scale("data", 255.0),
+        "mean": lambda: tf.set_mean("data", mean),
+        "input": lambda: tf.set_input_scale("data", 0.017),
+    }
+    for step in order:
+        calls[step]()
+    # pycaffe's formula in float64: transpose, swap, *raw, -mean, *input
+    want = (img.astype(np.float64).transpose(2, 0, 1)[::-1] * 255.0
+            - mean[:, None, None]) * 0.017
+    np.testing.assert_allclose(tf.preprocess("data", img), want, rtol=1e-5, atol=1e-4)
+    # a mean image (C, H, W) also survives later calls
+    tf.set_mean("data", np.broadcast_to(mean[:, None, None], (3, 6, 5)))
+    tf.set_raw_scale("data", 255.0)
+    np.testing.assert_allclose(tf.preprocess("data", img), want, rtol=1e-5, atol=1e-4)

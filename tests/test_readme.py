@@ -100,6 +100,9 @@ def test_readme_python_examples_run(predict_output, capsys):
     # the solver block: 4 Caffe steps, a snapshot Caffe's way, restored
     assert ns["step_losses"][0] == pytest.approx(1.704949, rel=1e-6)
     assert ns["resumed"].iter == 4 and ns["snap_state"] == "solver_iter_4.solverstate"
+    # the Python fine-tuning example ran its two steps on the keys train_step documents
+    assert len(ns["losses"]) == 2 and all(np.isfinite(ns["losses"]))
+    assert ns["batch"](0)["label"].shape == (2, 2, 2) and int(ns["state"].step) == 2
     # the predict reader example reads what predict wrote
     assert "maps/000000.npz (9, 7) [9, 7]" in capsys.readouterr().out
 
@@ -140,3 +143,65 @@ layer { name: "prob" type: "Softmax" bottom: "score" top: "prob" }
     shutil.copy(solvers / "01_sgd_fixed" / "solver.prototxt", tmp_path / "solver.prototxt")
     assert main(["predict", str(proto), str(tmp_path / "fcn.caffemodel"), "--dir", "images",
                  "--out", "preds", "--dense", "--save-blob", "--no-progress"]) == 0
+
+
+# ----------------------------------------------------------------------------- names exist
+
+#: Flags the README shows that belong to other programs (pip, XLA, pytest).
+OTHER_FLAGS = {"--no-deps", "--quiet", "--xla_force_host_platform_device_count", "--upgrade"}
+
+
+def _cli_flags() -> dict[str, set[str]]:
+    """Every ``fcn-jax`` command's option strings."""
+    from fcn_jax.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    return {name: {s for a in p._actions for s in a.option_strings}
+            for name, p in sub.choices.items()}
+
+
+def test_every_file_and_test_the_readme_names_exists():
+    """Issue 20 item 10: `experiments/x.py`, `tests/test_x.py::test_y`, `docs/...` exist."""
+    missing = []
+    for path, test in re.findall(
+            r"((?:experiments|tests|docs|fcn_jax|converters|\.ci)/[\w./-]*\w)(?:::(\w+))?",
+            README):
+        f = ROOT / path
+        if not f.exists():
+            missing.append(path)
+        elif test and not re.search(rf"^def {test}\(", f.read_text(), re.M):
+            missing.append(f"{path}::{test}")
+    assert not missing, missing
+
+
+def test_every_flag_the_readme_shows_exists():
+    """A flag after ``fcn-jax CMD`` on one line is CMD's; any other ``--flag`` is some
+    fcn-jax command's, an experiment script's, or another program's (OTHER_FLAGS)."""
+    flags = _cli_flags()
+    scripts = {m for p in (ROOT / "experiments").glob("*.py")
+               for m in re.findall(r"add_argument\(\s*\"(--[\w-]+)\"", p.read_text())}
+    known = set().union(*flags.values()) | scripts | OTHER_FLAGS
+    wrong = []
+    for line in README.splitlines():
+        for cmd, rest in re.findall(r"fcn-jax (\w+)((?:[^`|#]|\\\n)*)", line):
+            if cmd in flags:
+                wrong += [f"fcn-jax {cmd} {f}" for f in re.findall(r"(?<![\w-])(--[a-z][\w-]*)",
+                                                                   rest)
+                          if f not in flags[cmd]]
+        wrong += [f for f in re.findall(r"(?<![\w-])(--[a-z][\w-]*)", line) if f not in known]
+    assert not wrong, sorted(set(wrong))
+
+
+def test_the_finetune_outputs_the_readme_names_are_written():
+    """`ft/NAME` in the README is one of the files `fcn-jax finetune` writes (OUTPUTS, each
+    checked to be written in tests/test_cli.py); a checkpoint is `ft/checkpoints/<step>/`."""
+    from fcn_jax.commands.finetune import OUTPUTS
+
+    named = set(re.findall(r"\bft/([\w.*<>-]+/?)", README))
+    allowed = set(OUTPUTS) | {"checkpoints/<step>/", "checkpoints"}
+    assert named and not named - allowed, sorted(named - allowed)
+    section = README[README.index("## Fine-tuning"):]
+    section = section[:section.index("\n## ", 5)]
+    files = set(re.findall(r"`(finetuned\.\w+|[\w*]+\.(?:json|png|msgpack|txt))`", section))
+    assert files and not files - set(OUTPUTS), sorted(files - set(OUTPUTS))

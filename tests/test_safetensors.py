@@ -72,7 +72,8 @@ def test_load_caffe_reads_it_back_like_the_caffemodel(converted):
 
 
 def test_pytorch_reads_the_file(converted):
-    torch_st = pytest.importorskip("safetensors.torch")
+    torch_st = pytest.importorskip("safetensors.torch",
+                                   reason="PyTorch not installed (the [bench] extra)")
     tensors = torch_st.load_file(converted)
     raw = _raw_blobs(MODEL)
     np.testing.assert_array_equal(tensors["conv1/weight"].numpy().ravel(), raw["conv1"][0])

@@ -518,8 +518,10 @@ def test_finetune_command_with_annotations_and_weights(tmp_path, capsys):
                  "--no-progress", "--freeze", "conv*", "--solver", "SGD"])
     assert code == 0
     text = capsys.readouterr().out
-    assert "coercing fc6 -> fc6-conv weight from (256, 2304) to (256, 64, 6, 6)" in text
-    assert "dropping fc8 weight" in text  # 1000 classes -> 4: keeps its initialisation
+    assert "transplant: " in text and "copying" not in text  # one line; the rest in a file
+    full = (out / "transplant.txt").read_text()
+    assert "coercing fc6 -> fc6-conv weight from (256, 2304) to (256, 64, 6, 6)" in full
+    assert "dropping fc8 weight" in full  # 1000 classes -> 4: keeps its initialisation
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["model"]["widths"] == [24, 64, 96, 96, 64, 256, 256]
     assert metrics["data"]["val_images"] == 1 and len(metrics["train_loss"]) == 1
@@ -539,3 +541,16 @@ def test_checkpoints_keep_the_last_k_and_the_best(tiny_graph, tmp_path):
         assert ck.read(1)[1] == {"loss": 0.5}
         with pytest.raises(CaffeFormatError, match=r"ck: step: no step 2 \(steps: \[1, 4, 5\]"):
             ck.restore(state, 2)
+
+
+def test_progress_bar_counts_from_the_resumed_step(tiny_graph, capsys):
+    """Issue 20 item 10: after a resume at step 3 of 5 the bar reads 5/5, not 2/2."""
+    _, module, params = tiny_graph
+    tx = T.make_optimizer(T.SolverConfig(type="SGD", base_lr=1e-3), params)
+    state = T.create_train_state(module, params, tx).replace(step=jnp.int32(3))
+    batch = _batch(module, params, 2, (23, 23))
+    state, losses = T.fit(state, lambda step: batch, 2, progress=True, desc="ft")
+    err = capsys.readouterr().err
+    assert int(state.step) == 5 and len(losses) == 2
+    assert "5/5" in err and "2/2" not in err, err
+    assert "batch_labels" in T.train_step.__doc__ and '"label"' in T.train_step.__doc__

@@ -138,3 +138,55 @@ def test_classification_map_legend_colors_are_distinct_and_named(tmp_path):
     for n in (3, 12, 20, 64, 300):
         rgb = {tuple(np.round(c[:3], 6)) for c in viz.class_colors(n)}
         assert len(rgb) == n, n
+
+
+def test_overlay_places_each_cell_at_its_window(tmp_path):
+    """Issue 20 item 4: CaffeNet's 8x8 map on a 451 px input has cell j's window at
+    [32 j, 32 j + 227): its centre is pixel 113 + 32 j, so the map spans pixels 97..352
+    (stretched over the image, the edge cells landed ~85 px off)."""
+    from fcn_jax.dense import CellWindows
+
+    win = CellWindows(size=(227, 227), stride=(32, 32))
+    m = np.zeros((8, 8))
+    m[2, 5] = 1.0
+    p = tmp_path / "o.png"
+    fig = viz.overlay(np.zeros((451, 451, 3), np.float32), m, windows=win, path=p)
+    _check_png(p)
+    ax = fig.axes[0]
+    left, right, bottom, top = ax.get_images()[1].get_extent()
+    # tile j spans 113 + 32 j +- 16 in plot coordinates (pixel k's centre is at k)
+    assert (left, right, top, bottom) == (97, 353, 97, 353)
+    assert ax.get_xlim() == (-0.5, 450.5)  # the whole image stays in view
+    (rect,) = ax.patches  # the top cell's window: rows 64..290, columns 160..386
+    assert rect.get_xy() == (160 - 0.5, 64 - 0.5) and rect.get_width() == 227
+    # a padded receptive field (negative offset) shifts the tiles
+    fig = viz.overlay(np.zeros((100, 100)), np.ones((3, 3)), windows=CellWindows(
+        size=(11, 11), stride=(4, 4), offset=(-5, -5)), show_window=False)
+    # cell 0 sees pixels -5..5: its tile is 0 +- 2
+    assert fig.axes[0].get_images()[1].get_extent()[0] == -2
+    assert not fig.axes[0].patches
+
+
+def test_classification_map_ignore_cells_are_grey():
+    cm = np.array([[0, 1, 255], [255, 2, 0]])
+    fig = viz.classification_map_figure(IMAGE, cm, ["bg", "a", "b"], ignore_label=255)
+    legend = fig.axes[1].get_legend()
+    texts = [t.get_text() for t in legend.get_texts()]
+    assert texts == ["0: bg", "1: a", "2: b", "255: ignore"]
+    colors = [tuple(h.get_facecolor()) for h in legend.legend_handles]
+    assert colors[-1] == viz.IGNORE_COLOR and viz.IGNORE_COLOR not in colors[:-1]
+    assert colors[:3] == viz.class_colors(3)  # the classes keep their usual colors
+
+
+def test_training_curves_put_the_evaluations_at_their_steps(tmp_path):
+    curve = [{"step": 0, "loss": 1.2, "mean_iou": 0.1, "cell_accuracy": 0.5},
+             {"step": 10, "loss": 0.8, "mean_iou": 0.4, "cell_accuracy": 0.7}]
+    p = tmp_path / "curves.png"
+    fig = viz.training_curves(np.linspace(1.0, 0.5, 10), curve, p)
+    _check_png(p)
+    ax_loss, ax_eval = fig.axes
+    train, held = ax_loss.get_lines()
+    assert list(train.get_xdata()) == list(range(1, 11))  # loss of step s after s steps
+    assert list(held.get_xdata()) == [0, 10] and list(held.get_ydata()) == [1.2, 0.8]
+    iou, acc = ax_eval.get_lines()
+    assert list(iou.get_ydata()) == [0.1, 0.4] and list(acc.get_ydata()) == [0.5, 0.7]

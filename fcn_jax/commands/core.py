@@ -104,7 +104,19 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"\nblobs: unknown (the net declares no input for {undeclared}: pass "
               "--input-shape N C H W)")
         return _print_params_and_check(args, params, None, {})
-    module = build_module(net, path=args.file)
+    try:
+        module = build_module(net, path=args.file)
+    except (CaffeFormatError, ValueError, TypeError) as e:
+        if params is None:
+            raise
+        # a training net stored with its weights (custom data layers, label Slices): the
+        # weights are listed and checked without it
+        reason = e.reason if isinstance(e, CaffeFormatError) else str(e)
+        where = f" (layer {printable(repr(e.layer), 60)})" if getattr(e, "layer", None) else ""
+        print(f"\nblobs: unknown (the stored net is not runnable{where}: "
+              f"{printable(reason, 300)}); its stored weights follow")
+        return _print_params_and_check(args, params, None,
+                                       {lp.name: lp.type for lp in net.layer})
     try:
         xs = example_inputs(module, shape)
         traced = jax.eval_shape(

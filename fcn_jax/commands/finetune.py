@@ -77,6 +77,7 @@ class FinetuneConfig:
     eval_every: int = 0
     heatmap_images: int = 3
     progress: bool = True
+    verbose: bool = False
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -144,6 +145,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also evaluate the held-out images every STEPS steps (eval_curve)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     distributed.add_arguments(p)
+    p.add_argument("--verbose", action="store_true",
+                   help="print the whole weight transplant report (always written to "
+                   "OUT/transplant.txt)")
     p.set_defaults(func=cmd_finetune)
 
 
@@ -179,13 +183,18 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     print(f"held-out mean IoU {ev['before']['mean_iou']:.3f} -> {ev['after']['mean_iou']:.3f}, "
           f"cell accuracy {ev['before']['cell_accuracy']:.3f} -> "
           f"{ev['after']['cell_accuracy']:.3f}")
-    print(f"wrote {cfg.out}/: metrics.json, loss_curve.png, heatmap_*.png, targets.png, "
-          f"classes_after.png, checkpoints/, finetuned.prototxt, finetuned.caffemodel")
+    wrote = [n for n in OUTPUTS if cfg.weights or n != "transplant.txt"]
+    print(f"wrote {cfg.out}/: {', '.join(wrote)}")
     return 0
 
 
 #: What a collective's error says when another process died (gloo closes its connection).
 _PEER_GONE = re.compile(r"gloo|connection|peer|heartbeat|coordinat|barrier", re.IGNORECASE)
+#: What ``fcn-jax finetune`` writes in ``--out`` (``transplant.txt`` with ``--weights``;
+#: ``checkpoints/<step>/`` are Orbax folders, ``--resume OUT/checkpoints`` continues).
+OUTPUTS = ("metrics.json", "loss_curve.png", "heatmap_*.png", "targets.png",
+           "classes_after.png", "checkpoints/", "finetuned.prototxt", "finetuned.caffemodel",
+           "transplant.txt")
 
 
 # ----------------------------------------------------------------------------- model
@@ -243,6 +252,30 @@ def fold_input_scale(params: dict, net: Any, scale: float) -> dict:
                         "reading the input; use --input-scale 1")
 
 
+def fit_score_layer(net: Any, module: Any, num_classes: int,
+                    log: Callable[[str], Any] = print) -> bool:
+    """Set ``num_output`` of the Convolution producing the score blob to ``num_classes``
+    (in ``net``, in place), as the CaffeNet path re-initialises fc8: its weights then differ in
+    shape from a caffemodel's and keep their init. Returns whether ``net`` changed; one line
+    is logged when it does."""
+    from fcn_jax.train import score_blob
+
+    try:
+        score = score_blob(module)
+    except ValueError:
+        return False
+    producer = next((lp for lp in reversed(net.layer) if score in lp.top), None)
+    if producer is None or producer.type != "Convolution":
+        return False
+    old = int(producer.convolution_param.num_output)
+    if old == num_classes:
+        return False
+    producer.convolution_param.num_output = num_classes
+    log(f"score layer {producer.name!r}: {old} -> {num_classes} outputs for the data's "
+        f"classes, re-initialised (its stored weights are not used)")
+    return True
+
+
 def build_model(cfg: FinetuneConfig, num_classes: int, log: Callable[[str], Any] = print
                 ) -> tuple[Any, dict, Any]:
     """``(module, params, net)``: CaffeNet (fully convolutional) or ``--model``, initialised
@@ -260,6 +293,8 @@ def build_model(cfg: FinetuneConfig, num_classes: int, log: Callable[[str], Any]
     if cfg.model:
         net = converters.read_prototxt(cfg.model)
         module = build_module(net, phase="TEST", path=cfg.model)
+        if fit_score_layer(net, module, num_classes, log=log):
+            module = build_module(net, phase="TEST", path=cfg.model)
     else:
         widths = tuple(cfg.widths)
         if stored is not None:
@@ -285,8 +320,14 @@ def build_model(cfg: FinetuneConfig, num_classes: int, log: Callable[[str], Any]
 
         new, report = transplant(params, stored, rename=rename)
         params = jax.tree_util.tree_map(np.asarray, new)
-        for line in report.lines():
-            log(f"  {line}")
+        from fcn_jax.io_utils import atomic_write_text
+
+        full = Path(cfg.out) / "transplant.txt"
+        atomic_write_text(full, "\n".join(report.lines()) + "\n")
+        log(f"{report.summary()}; full report in {full}")
+        if cfg.verbose:
+            for line in report.lines():
+                log(f"  {line}")
         kept = {d for _, d, _ in report.copied} | {d for _, d, *_ in report.coerced}
     if cfg.init == "msra":
         params = _refill(params, cfg.seed, kept)
@@ -501,7 +542,8 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], Any] = print) -> dict[str
     local = distributed.local_copy if processes > 1 else (lambda st: st)
     config_meta = {k2: (list(v) if isinstance(v, tuple) else v)
                    for k2, v in dataclasses.asdict(cfg).items()
-                   if k2 not in ("out", "resume", "progress", "steps", "checkpoint_every",
+                   if k2 not in ("out", "resume", "progress", "verbose", "steps",
+                                 "checkpoint_every",
                                  "eval_every", "keep_checkpoints", "devices")}
     config_meta["batch_size"] = global_batch  # resumable on any number of processes
     history: list[float] = []
@@ -577,8 +619,8 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], Any] = print) -> dict[str
     T.export_caffemodel(out / "finetuned.caffemodel", fold_input_scale(
         jax.tree_util.tree_map(np.asarray, jax.device_get(state.params)), net, input_scale),
         net)
-    viz.loss_curve(history, out / "loss_curve.png", title="sliding-window loss (train)",
-                   smooth=10 if len(history) >= 20 else None)
+    viz.training_curves(history, curve, out / "loss_curve.png",
+                        title="sliding-window loss", smooth=10 if len(history) >= 20 else None)
     for n, (i, b, a) in enumerate(zip(shown, maps_before, maps_after, strict=True)):
         viz.before_after_heatmaps(
             _with_boxes(val_ds[i]), b, a, out / f"heatmap_{n}.png", vmin=0.0, vmax=1.0,
@@ -589,7 +631,8 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], Any] = print) -> dict[str
         viz.classification_map_figure(
             _with_boxes(val_ds[shown[0]]), target, {**dict(enumerate(names)),
                                                    labels_cfg.ignore_label: "ignore"},
-            out / "targets.png", title="sliding-window ground truth per cell")
+            out / "targets.png", title="sliding-window ground truth per cell",
+            ignore_label=labels_cfg.ignore_label)
         pred = T.eval_step(state, val_batches[shown[0] // bs])["pred"][shown[0] % bs]
         viz.classification_map_figure(val_ds[shown[0]].image, np.asarray(pred), names,
                                       out / "classes_after.png",

@@ -35,16 +35,30 @@ def register(sub: argparse._SubParsersAction) -> None:
                       help="per-pixel class maps of an (N, C, H, W) output (e.g. an FCN)")
     p.add_argument("--blob", help="output blob (default: the net's last)")
     p.add_argument("--save-blob", action="store_true",
-                   help="with --dense, also store the whole (C, H, W) output per image")
+                   help="store the whole output blob per image in OUT/maps/*.npz: with "
+                   "--dense besides the class maps; alone, for outputs that are not class "
+                   "scores (boxes, landmarks, features), without top-k")
+    p.add_argument("--native-size", action="store_true",
+                   help="run each image at its own size, no resize (--dense or --save-blob; "
+                   "a fully convolutional net): images of one size bucket share a batch and "
+                   "the maps are at the image's resolution; a mean image becomes its "
+                   "per-channel mean")
     p.add_argument("--resume", action="store_true",
                    help="continue a run in --out, skipping images already done")
     p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"),
                    help="resize images to this size (default: the prototxt's input)")
     p.add_argument("--mean", default="imagenet",
                    help="'imagenet' (per-channel BGR mean, default for 3 channels), 'none', "
-                   "or a .npy / .binaryproto mean file")
+                   "numbers in the blob's channel order ('104,117,123', or one value for "
+                   "every channel, e.g. 127.5), or a .npy / .binaryproto mean file")
     p.add_argument("--raw-scale", type=float, default=255.0,
                    help="multiply [0, 1] pixels by this (default 255)")
+    p.add_argument("--input-scale", type=float, metavar="S",
+                   help="multiply the mean-subtracted input by S (pycaffe's set_input_scale; "
+                   "MTCNN: 0.0078125)")
+    p.add_argument("--transpose", type=int, nargs=3, default=(2, 0, 1), metavar="A",
+                   help="image axes (H=0, W=1, C=2) in blob order, pycaffe's set_transpose "
+                   "(default 2 0 1; MTCNN, trained on transposed images: 2 1 0)")
     p.add_argument("--no-channel-swap", action="store_true",
                    help="keep RGB order (default: RGB->BGR as Caffe models expect)")
     p.add_argument("--labels", help="text file with one class name per line, in class order "
@@ -60,7 +74,17 @@ def _load_weights(prototxt: str, weights: str, input_shape):
     return converters.load_caffe(prototxt, weights, input_shape=input_shape)
 
 
-def _mean(arg: str, channels: int, height: int, width: int):
+def _numbers(arg: str) -> list[float] | None:
+    """``'104,117,123'`` or ``'127.5'`` as floats; None if ``arg`` is not numbers."""
+    try:
+        return [float(v) for v in arg.replace(" ", "").split(",")]
+    except ValueError:
+        return None
+
+
+def _mean(arg: str, channels: int, height: int, width: int, native: bool = False):
+    import numpy as np
+
     from converters.mean import load_mean
     from fcn_jax.preprocess import imagenet_mean_bgr
 
@@ -68,10 +92,16 @@ def _mean(arg: str, channels: int, height: int, width: int):
         return None
     if arg == "imagenet":
         return imagenet_mean_bgr() if channels == 3 else None
+    values = None if os.path.exists(arg) else _numbers(arg)
+    if values is not None:
+        if len(values) not in (1, channels) or not all(np.isfinite(values)):
+            raise CaffeFormatError(f"--mean {arg}: give one finite value or {channels} (one "
+                                   "per input channel, in the blob's order)", field="mean")
+        return np.array(values * channels if len(values) == 1 else values, np.float64)
     mean = load_mean(arg)  # .npy or .binaryproto; CaffeFormatError naming the file
     if mean.ndim == 4 and mean.shape[0] == 1:
         mean = mean[0]
-    if mean.ndim == 3 and mean.shape[1:] != (height, width):
+    if mean.ndim == 3 and (native or mean.shape[1:] != (height, width)):
         mean = mean.mean(axis=(1, 2))  # a mean image of another size: per-channel mean
     return mean
 
@@ -120,20 +150,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
         cfg = P.PredictConfig(batch_size=args.batch_size, top_k=args.top_k, dense=args.dense,
                               blob=args.blob, save_blob=args.save_blob,
                               labels=_labels(args.labels), workers=args.workers,
-                              imagenet_labels=args.labels is None)
+                              imagenet_labels=args.labels is None,
+                              native_size=args.native_size)
     except ValueError as e:
         print(f"fcn-jax: error: {e}", file=sys.stderr)
         return 2
     module, params = _load_weights(args.prototxt, args.weights, (args.batch_size, c, h, w))
     try:
         transformer = caffe_transformer(
-            (c, h, w), mean=_mean(args.mean, c, h, w), raw_scale=args.raw_scale,
+            (c, h, w), mean=_mean(args.mean, c, h, w, args.native_size),
+            raw_scale=args.raw_scale, input_scale=args.input_scale,
+            transpose=tuple(args.transpose),
             channel_swap=None if args.no_channel_swap or c != 3 else (2, 1, 0))
     except CaffeFormatError:
         raise
     except ValueError as e:
-        raise CaffeFormatError(str(e), path=None if args.mean in ("imagenet", "none")
-                               else args.mean, field="mean") from None
+        about_mean = "mean" in str(e)
+        raise CaffeFormatError(str(e), path=args.mean if about_mean and os.path.exists(
+            args.mean) else None, field="mean" if about_mean else "transpose") from None
     run = dict(resume=args.resume, progress=not args.no_progress,
                net_text=converters.format_prototxt(net),
                sources={"prototxt": os.path.abspath(args.prototxt),
@@ -148,6 +182,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     except FileExistsError as e:
         print(f"fcn-jax: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"fcn-jax: interrupted; the images done so far are in "
+              f"{os.path.join(args.out, P.JOURNAL)}: run the same command with --resume to "
+              "continue", file=sys.stderr)
+        return 130
     distributed.finish()  # several processes: wait for the others to end too
     s = summary
     ok = s.processed - len(s.failed)

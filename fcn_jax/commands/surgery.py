@@ -31,6 +31,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "--suffix=-x for values starting with '-')")
     p.add_argument("--verify", action="store_true",
                    help="check the new net equals the classifier at the classifier's input size")
+    p.add_argument("--num-classes", type=int, metavar="K",
+                   help="give the score layer (the last cast InnerProduct) K outputs, "
+                   "re-initialised (gaussian std 0.01, bias 0, seeded), for fine-tuning on K "
+                   "classes")
     p.set_defaults(func=cmd_fcn)
 
     p = sub.add_parser(
@@ -84,6 +88,10 @@ def cmd_fcn(args: argparse.Namespace) -> int:
     keep = {lp.name for lp in new_net.layer}
     new_params = {k: {n: np.asarray(a) for n, a in v.items()} for k, v in new_params.items()
                   if k in keep}
+    resized = None
+    if args.num_classes is not None:
+        resized = _resize_score_layer(new_net, new_params, plan.casts[-1].new_name,
+                                      args.num_classes, args.prototxt)
     converters.load_caffe(new_net, new_params)  # validates every blob shape before writing
     proto_path, model_path = args.output + ".prototxt", args.output + ".caffemodel"
     write_net_and_weights(proto_path, model_path, new_net, new_params,
@@ -97,6 +105,9 @@ def cmd_fcn(args: argparse.Namespace) -> int:
         print(f"  {name}: global pooling -> {kernel[0]}x{kernel[1]} stride 1")
     for name in plan.removed:
         print(f"  {name}: Flatten removed")
+    if resized is not None:
+        print(f"  score layer {plan.casts[-1].new_name}: {resized} -> {args.num_classes} "
+              "outputs, re-initialised (gaussian std 0.01, bias 0)")
     shapes = fcn_net.blob_shapes(new_net)
     last = new_net.layer[-1].top[0] if new_net.layer[-1].top else None
     if last in shapes:
@@ -105,6 +116,23 @@ def cmd_fcn(args: argparse.Namespace) -> int:
     if args.verify:
         return _verify(net, params, new_net, new_params)
     return 0
+
+
+def _resize_score_layer(net, params: dict, name: str, k: int, path: str) -> int:
+    """Give Convolution ``name`` of ``net`` ``k`` outputs with fresh weights (in place, as
+    CaffeNet's fc8 filler: gaussian std 0.01, zero bias); returns its old ``num_output``."""
+    if k < 1:
+        raise converters.CaffeFormatError(f"--num-classes must be >= 1, got {k}", path=path)
+    lp = next(lp for lp in net.layer if lp.name == name)
+    old = int(lp.convolution_param.num_output)
+    lp.convolution_param.num_output = k
+    w = np.asarray(params[name]["weight"])
+    rng = np.random.default_rng([k, 0xF8])
+    fresh = {"weight": (rng.standard_normal((k,) + w.shape[1:]) * 0.01).astype(np.float32)}
+    if "bias" in params[name]:
+        fresh["bias"] = np.zeros((k,), np.float32)
+    params[name] = fresh
+    return old
 
 
 def write_net_and_weights(proto_path: str, model_path: str, net, params, *,
