@@ -24,6 +24,7 @@ Differences from pycaffe, all deliberate:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -92,8 +93,6 @@ def resize_image(im: np.ndarray, new_dims: tuple[int, int], interp_order: int = 
         raise ValueError(f"resize_image expects an H x W x K array, got shape {im.shape}")
 
     if im.shape[-1] in (1, 3):
-        from skimage.transform import resize
-
         im_min, im_max = im.min(), im.max()
         if not im_max > im_min:
             out = np.empty((new_dims[0], new_dims[1], im.shape[-1]), dtype=np.float32)
@@ -102,9 +101,15 @@ def resize_image(im: np.ndarray, new_dims: tuple[int, int], interp_order: int = 
         im_std = (im - im_min) / (im_max - im_min)
         # skimage's default (anti_aliasing=None) for float input: smooth iff downsampling.
         downsampling = any(n < o for n, o in zip(new_dims, im.shape[:2], strict=True))
-        resized_std = resize(
-            im_std, new_dims, order=interp_order, mode="constant", anti_aliasing=downsampling
-        )
+        if interp_order == 1 and im_std.dtype.kind == "f" and np.isfinite(im_max - im_min):
+            resized_std = _resize_linear(im_std, new_dims, downsampling)
+        else:
+            from skimage.transform import resize
+
+            resized_std = resize(
+                im_std, new_dims, order=interp_order, mode="constant",
+                anti_aliasing=downsampling
+            )
         resized = resized_std * (im_max - im_min) + im_min
     else:
         from scipy.ndimage import zoom
@@ -112,6 +117,52 @@ def resize_image(im: np.ndarray, new_dims: tuple[int, int], interp_order: int = 
         scale = tuple(np.array(new_dims, dtype=float) / np.array(im.shape[:2]))
         resized = zoom(im, scale + (1,), order=interp_order)
     return resized.astype(np.float32)
+
+
+def _resize_linear(im: np.ndarray, new_dims: tuple[int, int], anti_aliasing: bool
+                   ) -> np.ndarray:
+    """``skimage.transform.resize(im, new_dims, order=1, mode="constant",
+    anti_aliasing=anti_aliasing)`` of an ``H x W x K`` image in [0, 1], as one sparse linear
+    operator per axis (scipy's Gaussian filter and grid-mode linear zoom, built once per
+    size and cached), in float64. The same operator as scikit-image's, which
+    rounds to float32 between its steps: within 1 ulp of its result (tests/test_preprocess.py),
+    5-10x faster."""
+    h, w, k = im.shape
+    ops = []
+    for n, m in zip((h, w), new_dims, strict=True):
+        sigma = max(0.0, (n / m - 1) / 2) if anti_aliasing else 0.0
+        ops.append(_axis_operator(n, m, sigma))
+    x = np.asarray(im, np.float64).reshape(h, w * k)
+    y = (ops[0] @ x).reshape(new_dims[0], w, k).transpose(1, 0, 2).reshape(w, -1)
+    y = (ops[1] @ y).reshape(new_dims[1], new_dims[0], k).transpose(1, 0, 2)
+    # skimage clips to the input's range (here [0, 1], which holds its cval 0)
+    return np.clip(y, 0.0, 1.0).astype(im.dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _axis_operator(n: int, m: int, sigma: float) -> Any:
+    """The (m, n) sparse matrix of scikit-image's resize along one axis: scipy's
+    ``gaussian_filter1d(sigma, mode="constant")`` (its kernel: ``exp(-x^2 / 2 sigma^2)``
+    normalised, radius ``int(4 sigma + 0.5)``, zeros beyond the edge; none at 0), then
+    ``zoom(order=1, mode="grid-constant", grid_mode=True)``: output ``i`` samples the input
+    at ``(i + 0.5) n / m - 0.5``, linearly between its two neighbours, zero beyond the edge."""
+    from scipy import sparse
+
+    c = (np.arange(m) + 0.5) * (n / m) - 0.5
+    i0 = np.floor(c).astype(np.int64)
+    f = c - i0
+    rows = np.repeat(np.arange(m), 2)
+    cols = np.stack([i0, i0 + 1], axis=1).ravel()
+    vals = np.stack([1.0 - f, f], axis=1).ravel()
+    keep = (cols >= 0) & (cols < n) & (vals != 0)
+    op = sparse.csr_matrix((vals[keep], (rows[keep], cols[keep])), shape=(m, n))
+    if sigma > 0:
+        radius = int(4.0 * sigma + 0.5)
+        x = np.arange(-radius, radius + 1)
+        phi = np.exp(-0.5 / (sigma * sigma) * x.astype(np.float64) ** 2)
+        phi /= phi.sum()
+        op = op @ sparse.diags(phi, x, shape=(n, n), format="csr")
+    return op.tocsr()
 
 
 # --------------------------------------------------------------------------- transformer
