@@ -94,15 +94,18 @@ def caffenet_onnx(params: Mapping[str, Mapping[str, np.ndarray]], fully_conv: bo
 
 class OrtCaffeNet:
     """CaffeNet in an ONNX Runtime CPU session; ``profile_dir``: write its per-node
-    profile there (``node_times`` reads it)."""
+    profile there (``node_times`` reads it); ``spin=False``: worker threads sleep instead of
+    spinning between ops (ONNX Runtime's default spins, which a shared machine punishes)."""
 
     def __init__(self, params: Mapping[str, Mapping[str, np.ndarray]], fully_conv: bool,
-                 profile_dir: str | Path | None = None, threads: int = 0):
+                 profile_dir: str | Path | None = None, threads: int = 0, spin: bool = True):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = threads
+        if not spin:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if profile_dir is not None:
             opts.enable_profiling = True
             opts.profile_file_prefix = str(Path(profile_dir) / "ort")
