@@ -11,6 +11,9 @@ both alike:
 * predict: ``fcn_jax.predict.run_predict`` (what ``fcn-jax predict`` runs: decode, resize,
   preprocess in worker threads, forward, top-5, journal written and fsynced per batch),
   images/s after the first batch, with the first batch (compilation) reported apart;
+* with ``--skimage``: each predict run is followed by one with pycaffe's resize as
+  scikit-image runs it (``skimage.transform.resize`` instead of ``fcn_jax.preprocess``'s sparse
+  zoom), the before of this change, in the same run;
 * with ``--cli``, once: the ``fcn-jax predict`` command in a subprocess (its own process
   start, load and compilation), its ``summary.json``.
 
@@ -61,6 +64,21 @@ def make_jpegs(folder: Path, n: int, seed: int = 0) -> list[str]:
     return paths
 
 
+def _with_skimage_resize(fn):
+    """``fn()`` with ``fcn_jax.preprocess`` resizing through ``skimage.transform.resize``."""
+    from skimage.transform import resize
+
+    from fcn_jax import preprocess as pre
+
+    fast = pre._resize_linear
+    pre._resize_linear = lambda im, dims, aa: resize(im, dims, order=1, mode="constant",
+                                                     anti_aliasing=aa)
+    try:
+        return fn()
+    finally:
+        pre._resize_linear = fast
+
+
 def bare_forward(forward, x: np.ndarray, rounds: int) -> dict:
     forward(x)
     times = []
@@ -81,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=7, help="bare-forward calls per measurement")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--cli", action="store_true", help="also the fcn-jax predict command")
+    ap.add_argument("--skimage", action="store_true",
+                    help="also predict with skimage.transform.resize (the old resize)")
     ap.add_argument("--out", default=str(ROOT / "results" / "bench_predict.json"))
     args = ap.parse_args(argv)
 
@@ -104,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     x = np.stack([P.load_and_preprocess(p, tr) for p in images[:b]])
     cfg = P.PredictConfig(batch_size=b, workers=args.workers)
 
-    bare, runs = [bare_forward(forward, x, args.rounds)], []
+    bare, runs, skimage_runs = [bare_forward(forward, x, args.rounds)], [], []
     for r in range(args.repeats):
         out = tmp / f"out{r}"
         s = P.run_predict(module, params, images, out, tr, cfg, progress=False)
@@ -118,6 +138,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run {r}: predict {s.images_per_second:.1f} img/s (first batch "
               f"{s.first_batch_seconds:.2f} s), bare forward {around:.1f} img/s around it: "
               f"{100 * runs[-1]['frac_of_bare']:.0f}%", flush=True)
+        if args.skimage:
+            s2 = _with_skimage_resize(lambda o=tmp / f"sk{r}": P.run_predict(
+                module, params, images, o, tr, cfg, progress=False))
+            bare.append(bare_forward(forward, x, args.rounds))
+            around = (bare[-2]["images_per_s"] + bare[-1]["images_per_s"]) / 2
+            skimage_runs.append({"images_per_s": s2.images_per_second,
+                                 "frac_of_bare": s2.images_per_second / around})
+            print(f"       with skimage's resize: {s2.images_per_second:.1f} img/s, "
+                  f"{100 * skimage_runs[-1]['frac_of_bare']:.0f}% of the bare forward",
+                  flush=True)
     cli = None
     if args.cli:
         out = tmp / "cli"
@@ -141,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
           f"({100 * med_frac:.0f}% of the bare forward, median of {len(runs)} runs)")
     result = {"images": len(images), "batch_size": b, "workers": args.workers,
               "load_before": load0, "load_after": os.getloadavg(), "bare_forward": bare,
-              "predict_runs": runs, "cli": cli, "bare_images_per_s": bare_ips,
+              "predict_runs": runs, "predict_runs_skimage_resize": skimage_runs, "cli": cli,
+              "bare_images_per_s": bare_ips,
               "predict_images_per_s": pred_ips, "predict_frac_of_bare": med_frac}
     outp = Path(args.out)
     outp.parent.mkdir(parents=True, exist_ok=True)
