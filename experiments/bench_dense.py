@@ -9,8 +9,12 @@ Full-size CaffeNet (random weights, He-normal) in both public forward paths of f
 * ``fcn_jax.inference.compile_forward`` (weights laid out once, ``prob`` only, shape buckets,
   the kernel choice of ``fcn_jax.xla``);
 
-against a PyTorch CaffeNet with ceil-mode pooling and Caffe's LRN
-(``experiments/peers/torch_caffenet.py``), first checked equal (max |prob difference| <= 1e-4).
+against three peers, each first checked equal (max |prob difference| <= 1e-4): a PyTorch
+CaffeNet with ceil-mode pooling and Caffe's LRN (``experiments/peers/torch_caffenet.py``),
+the same net as an ONNX graph run by ONNX Runtime, and OpenCV's dnn module reading the
+prototxt and the weights as a caffemodel (``experiments/peers/onnx_caffenet.py``). Each case
+is reported as a ratio to the fastest peer of that case (``x best peer``: ours / theirs, below
+1 is faster).
 Cases: the 451x451 dense 8x8 map, the 227 classifier at batch 10 and 1, the 8x8 map against
 its 64 crops as one batch, and a stream of images of many sizes (compile counts, exactness).
 
@@ -18,15 +22,20 @@ Timings are interleaved (one call of each implementation per round), so a noisy 
 machine slows all alike; the table reports medians (and minima) over rounds. Also reported:
 compile time, XLA's memory plan (arguments + outputs + temporaries), GFLOP/s from the
 counted multiply-adds and their fraction of the float32 GEMM peak measured here with numpy
-(OpenBLAS, also with ``OPENBLAS_CORETYPE`` forced, in subprocesses) and ``jnp.dot``.
+(OpenBLAS, also with ``OPENBLAS_CORETYPE`` forced, in subprocesses) and ``jnp.dot``, and for
+batch 1 the memory-bandwidth limit: the weights read once per image at the read bandwidth
+measured in the same run (best of a jitted ``jnp.sum``, numpy and torch over 256 MB).
+``--profile`` adds ONNX Runtime's per-node times and ours per layer (prefix differences).
 
     python experiments/bench_dense.py [--rounds 7] [--out results/bench_dense.json]
     python experiments/bench_dense.py --fast-flags   # with inference.FAST_CPU_XLA_FLAGS
     python experiments/bench_dense.py --layers   # + per-layer formulation experiments
+    python experiments/bench_dense.py --profile  # + per-node / per-layer time breakdowns
 
 On a GPU machine (``jax.default_backend() == "gpu"``) the same cases run on the GPU against
 PyTorch CUDA, plus bfloat16 (``--bf16``). torch is a benchmark-only extra (``pip install
--e .[bench]``).
+-e .[bench]``: torch, onnx, onnxruntime; OpenCV is the ``opencv`` extra); a peer that is
+not installed is left out.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -148,6 +158,30 @@ def gemm_peak_subprocess(coretype: str, n: int = 2048) -> float | None:
         return None
 
 
+def read_bandwidth(mb: int = 256, reps: int = 7) -> dict[str, float]:
+    """Memory read bandwidth (GB/s) in this process: the best time to sum ``mb`` MB of
+    float32 with a jitted ``jnp.sum``, numpy and (if installed) torch."""
+    n = mb * 2**20 // 4
+    a = np.random.default_rng(0).standard_normal(n, dtype=np.float32)
+    out = {}
+    aj = jnp.asarray(a)
+    f = jax.jit(jnp.sum)
+    jax.block_until_ready(f(aj))
+    out["jnp.sum"] = a.nbytes / min(_timed(lambda: jax.block_until_ready(f(aj)))
+                                    for _ in range(reps)) / 1e9
+    a.sum()
+    out["numpy sum"] = a.nbytes / min(_timed(a.sum) for _ in range(reps)) / 1e9
+    try:
+        import torch
+
+        t = torch.from_numpy(a)
+        t.sum()
+        out["torch sum"] = a.nbytes / min(_timed(t.sum) for _ in range(reps)) / 1e9
+    except ImportError:
+        pass
+    return out
+
+
 def _timed(fn) -> float:
     t = time.perf_counter()
     fn()
@@ -181,15 +215,24 @@ def xla_memory(jitted, *args) -> tuple[float, int | None]:
 
 
 def run_case(name: str, impls: dict, rounds: int, flops: float, peak: float,
-             check: dict | None = None, images: int = 1) -> list[dict]:
+             check: dict | None = None, images: int = 1, refs: dict | None = None
+             ) -> list[dict]:
     """Time ``impls`` (label -> (call, compile_s, mem_bytes, prob_fn)) interleaved; ``images``
-    per call gives the images/s column."""
+    per call gives the images/s column. ``refs``: {"gemm": (call, flops), "read": (call,
+    bytes)}, timed in the same rounds: each row then carries the GEMM rate (GFLOP/s) and read
+    bandwidth (GB/s) of its own rounds, which a shared machine's load moves with ours."""
     calls = {k: v[0] for k, v in impls.items()}
+    for k, (fn, _) in (refs or {}).items():
+        calls[f"ref {k}"] = fn
     for fn in calls.values():  # warm up (first call compiles the jit cache)
         fn()
     times = interleaved(calls, rounds)
+    same = {k: amount / float(np.median(times.pop(f"ref {k}"))) / 1e9
+            for k, (_, amount) in (refs or {}).items()}
     torch_med = next((float(np.median(t)) for k, t in times.items() if k.startswith("torch")),
                      None)
+    peer_meds = {k: float(np.median(t)) for k, t in times.items() if is_peer(k)}
+    best_peer = min(peer_meds, key=peer_meds.get) if peer_meds else None
     rows = []
     for k, t in times.items():
         med, best = float(np.median(t)), float(np.min(t))
@@ -199,13 +242,28 @@ def run_case(name: str, impls: dict, rounds: int, flops: float, peak: float,
                                                            if impls[k][2] else None),
                "gflops": flops / med / 1e9, "frac_gemm_peak": flops / med / 1e9 / peak,
                "speedup_vs_torch": (torch_med / med) if torch_med else None,
+               "fastest_peer": best_peer,
+               "gemm_gflops_same_rounds": same.get("gemm"),
+               "frac_gemm_same_rounds": (flops / med / 1e9 / same["gemm"]
+                                         if "gemm" in same else None),
+               "read_gbs_same_rounds": same.get("read"),
+               "ratio_to_fastest_peer": (med / peer_meds[best_peer]) if best_peer else None,
                "max_abs_diff_prob_vs_torch": (check or {}).get(k)}
         rows.append(row)
     return rows
 
 
+PEERS = ("torch", "onnxruntime", "opencv")
+
+
+def is_peer(impl: str) -> bool:
+    """Whether a row label is one of the peers (not fcn-jax)."""
+    return impl.startswith(PEERS)
+
+
 def print_table(rows: list[dict]) -> None:
-    head = (f"{'case':<28}{'impl':<30}{'median ms':>10}{'min ms':>9}{'img/s':>8}{'x torch':>9}"
+    head = (f"{'case':<28}{'impl':<30}{'median ms':>10}{'min ms':>9}{'img/s':>8}"
+            f"{'x best peer':>12}"
             f"{'GFLOP/s':>9}{'%peak':>7}{'compile s':>10}{'XLA MB':>8}{'|dprob|':>9}")
     print(head)
     print("-" * len(head))
@@ -214,7 +272,7 @@ def print_table(rows: list[dict]) -> None:
             return format(v, fmt) if v is not None else "-"
         print(f"{r['case']:<28}{r['impl']:<30}{r['median_ms']:>10.1f}{r['min_ms']:>9.1f}"
               f"{r['images_per_s']:>8.1f}"
-              f"{f(r['speedup_vs_torch'], '9.2f'):>9}{r['gflops']:>9.1f}"
+              f"{f(r.get('ratio_to_fastest_peer'), '12.2f'):>12}{r['gflops']:>9.1f}"
               f"{100 * r['frac_gemm_peak']:>7.1f}{f(r['compile_s'], '10.2f'):>10}"
               f"{f(r['xla_memory_mb'], '8.0f'):>8}{f(r['max_abs_diff_prob_vs_torch'], '9.1e'):>9}")
 
@@ -224,6 +282,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--out", default=str(ROOT / "results" / "bench_dense.json"))
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
+    ap.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime peer")
+    ap.add_argument("--no-opencv", action="store_true", help="skip the OpenCV dnn peer")
+    ap.add_argument("--profile", action="store_true",
+                    help="ONNX Runtime per node and fcn-jax per layer, batch 1 and 10")
     ap.add_argument("--bf16", action="store_true", help="also the bfloat16 engine (GPU)")
     ap.add_argument("--stream", type=int, default=24, help="images in the many-sizes stream")
     ap.add_argument("--layers", action="store_true", help="per-layer formulation experiments")
@@ -248,6 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     peak = max(v for v in peaks.values() if v)
     print("float32 GEMM 2048^3 GFLOP/s: " + ", ".join(
         f"{k} {v:.0f}" for k, v in peaks.items() if v), flush=True)
+    bandwidth = read_bandwidth()
+    bw = max(bandwidth.values())
+    print("read bandwidth GB/s: " + ", ".join(f"{k} {v:.1f}" for k, v in bandwidth.items()),
+          flush=True)
 
     cls, fcn = random_params()
     g_cls, _ = converters.load_caffe(SOURCE / "deploy.prototxt", cls)
@@ -261,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     crops = np.stack([img451[0, :, 32 * i:32 * i + 227, 32 * j:32 * j + 227]
                       for i in range(8) for j in range(8)])
 
+    weight_bytes = sum(int(np.asarray(a).nbytes) for v in cls.values() for a in v.values())
     peers = {}
     peer_device = "cpu"
     if not args.no_torch:
@@ -273,6 +340,28 @@ def main(argv: list[str] | None = None) -> int:
         peer_device = dev
         print(f"torch {torch.__version__} on {dev}, {torch.get_num_threads()} threads",
               flush=True)
+    others: dict[str, dict] = {}  # label -> {"cls": fn, "fcn": fn}
+    tmp = tempfile.TemporaryDirectory()
+    if not args.no_onnx and not gpu:
+        try:
+            from experiments.peers.onnx_caffenet import OrtCaffeNet
+            o = {"cls": OrtCaffeNet(cls, False), "fcn": OrtCaffeNet(fcn, True)}
+            others["onnxruntime"] = o
+            others["onnxruntime no-spin"] = {"cls": OrtCaffeNet(cls, False, spin=False),
+                                             "fcn": OrtCaffeNet(fcn, True, spin=False)}
+            print(f"onnxruntime {o['cls'].version}", flush=True)
+        except ImportError as e:
+            print(f"onnxruntime peer left out: {e}", flush=True)
+    if not args.no_opencv and not gpu:
+        try:
+            from experiments.peers.onnx_caffenet import OpenCVCaffeNet
+            o = {"cls": OpenCVCaffeNet(SOURCE / "deploy.prototxt", cls, tmp.name),
+                 "fcn": OpenCVCaffeNet(SOURCE / "bvlc_caffenet_full_conv.prototxt", fcn,
+                                       tmp.name)}
+            others["opencv dnn"] = o
+            print(f"opencv {o['cls'].version}", flush=True)
+        except ImportError as e:
+            print(f"opencv peer left out: {e}", flush=True)
 
     def jax_impls(graph, pj, params, fully_conv, x, with_engine=True):
         cnet = CaffeNet(fully_conv=fully_conv)
@@ -304,25 +393,34 @@ def main(argv: list[str] | None = None) -> int:
             m = peers[key]
             impls[f"torch {peer_device}"] = (lambda: torch_forward(m, x, peer_device), None,
                                              None, lambda: torch_forward(m, x, peer_device))
+        for label, o in others.items():
+            impls[label] = (lambda f=o[key]: f(x), None, None, lambda f=o[key]: f(x))
         return impls
 
     def diffs(impls):
         probs = {k: v[3]() for k, v in impls.items()}
-        ref = next((p for k, p in probs.items() if k.startswith("torch")), None)
-        if ref is None:
+        ref_key = next((k for k in probs if k.startswith("torch")),
+                       next((k for k in probs if is_peer(k)), None))
+        if ref_key is None:
             return {}
-        return {k: float(np.max(np.abs(p - ref))) for k, p in probs.items()
-                if not k.startswith("torch")}
+        return {k: float(np.max(np.abs(probs[k] - probs[ref_key]))) for k in probs
+                if k != ref_key}
 
     rows: list[dict] = []
     cases = [("dense 451x451 (8x8 map)", g_fcn, pj_fcn, fcn, True, img451, "fcn"),
              ("classifier 227 batch 10", g_cls, pj_cls, cls, False, x10, "cls"),
              ("classifier 227 batch 1", g_cls, pj_cls, cls, False, x1, "cls")]
+    ga = jnp.asarray(np.random.default_rng(0).standard_normal((2048, 2048), dtype=np.float32))
+    gdot = jax.jit(lambda a: jnp.dot(a, a, precision="highest"))
+    ra = jnp.asarray(np.random.default_rng(0).standard_normal(64 * 2**20, dtype=np.float32))
+    rsum = jax.jit(jnp.sum)
+    refs = {"gemm": (lambda: jax.block_until_ready(gdot(ga)), 2 * 2048**3),
+            "read": (lambda: jax.block_until_ready(rsum(ra)), ra.nbytes)}
     for name, graph, pj, params, fc, x, key in cases:
         impls = add_torch(jax_impls(graph, pj, params, fc, x), key, x)
         check = diffs(impls)
         rows += run_case(name, impls, args.rounds, count_flops(graph, x.shape), peak, check,
-                         images=x.shape[0])
+                         images=x.shape[0], refs=refs)
         print_table(rows[-len(impls):])
         print(flush=True)
 
@@ -376,6 +474,30 @@ def main(argv: list[str] | None = None) -> int:
         "dense451_over_227batch1": ratios,
         "crops64_over_dense": cr["64 crops, engine batch 64"] / cr["dense 8x8 map, engine"],
     }
+    bw_same = next(iter(b1.values()))["read_gbs_same_rounds"]
+    bw = max(bw, bw_same or 0.0)  # the best read bandwidth seen: the strictest limit
+    limit_ms = weight_bytes / (bw * 1e9) * 1e3
+    summary["read_bandwidth_gbs"] = bandwidth
+    summary["weight_bytes"] = weight_bytes
+    summary["batch1_bandwidth_limit_ms"] = limit_ms
+    summary["batch1_frac_bandwidth_limit"] = {k: limit_ms / r["median_ms"] for k, r in b1.items()}
+    summary["dense451_frac_gemm_peak"] = {k: r["frac_gemm_peak"] for k, r in d451.items()}
+    summary["dense451_frac_gemm_same_rounds"] = {k: r["frac_gemm_same_rounds"]
+                                                 for k, r in d451.items()}
+    summary["fastest_peer"] = {case: next(iter(_row(rows, case).values()))["fastest_peer"]
+                               for case, *_ in cases}
+    print_summary(rows, [c[0] for c in cases])
+    print(f"\nbatch 1 bandwidth limit: {weight_bytes / 1e6:.0f} MB of weights at {bw:.1f} GB/s "
+          f"= {limit_ms:.1f} ms; reached: " + ", ".join(
+              f"{k} {100 * v:.0f}%" for k, v in summary["batch1_frac_bandwidth_limit"].items()))
+    print("dense 451 fraction of the GEMM peak (measured before): " + ", ".join(
+        f"{k} {100 * v:.0f}%" for k, v in summary["dense451_frac_gemm_peak"].items()))
+    print(f"dense 451 fraction of jnp.dot's rate in the same rounds "
+          f"({next(iter(d451.values()))['gemm_gflops_same_rounds']:.0f} GFLOP/s): " + ", ".join(
+              f"{k} {100 * v:.0f}%" for k, v in summary["dense451_frac_gemm_same_rounds"].items()))
+    profile = None
+    if args.profile:
+        profile = profile_case_layers(cases, tmp.name, args.rounds)
     print("\ndense 451 time / 227 batch-1 time: "
           + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
     print(f"64 crops (one batch) / dense 8x8 map: {summary['crops64_over_dense']:.1f}x")
@@ -389,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
         platform.machine(), "cpu_count": os.cpu_count(), "load_before": load0,
         "load_after": os.getloadavg(), "rounds": args.rounds, "gemm_peak_gflops": peaks,
         "peak_used_gflops": peak, "rows": rows, "summary": summary, "stream": stream,
-        "bf16": bf16, "layer_experiments": layers,
+        "bf16": bf16, "layer_experiments": layers, "profile": profile,
         "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     out = Path(args.out)
@@ -401,6 +523,62 @@ def main(argv: list[str] | None = None) -> int:
 
 def _row(rows, case):
     return {r["impl"]: r for r in rows if r["case"] == case}
+
+
+def print_summary(rows: list[dict], cases: list[str]) -> None:
+    """One line per case: every implementation's median ms and its ratio to the fastest
+    peer of that case."""
+    print("\nmedian ms (ratio to the fastest peer of the case; < 1: faster than it)")
+    for case in cases:
+        r = _row(rows, case)
+        best = next(iter(r.values()))["fastest_peer"]
+        print(f"  {case} (fastest peer: {best})")
+        for k, v in r.items():
+            ratio = v["ratio_to_fastest_peer"]
+            print(f"    {k:<30}{v['median_ms']:9.1f} ms" + (f"  {ratio:5.2f}x" if ratio else ""))
+
+
+def profile_case_layers(cases, workdir: str, rounds: int) -> dict:
+    """Where the time goes: ONNX Runtime's per-node profile and fcn-jax per layer
+    (``fcn_jax.jit`` of the graph cut at each layer's top, successive differences of the
+    medians; noisy but ranks the layers), for every case."""
+    from experiments.peers.onnx_caffenet import OrtCaffeNet, node_times
+
+    out = {}
+    for name, graph, pj, params, fc, x, _ in cases:
+        res: dict = {}
+        try:
+            o = OrtCaffeNet(params, fc, profile_dir=workdir)
+            for _ in range(rounds + 2):
+                o(x)
+            res["onnxruntime_ms"] = node_times(o.end_profiling(), skip=2)
+        except ImportError:
+            pass
+        tops: list[str] = []
+        for spec in graph.layers:
+            for t in spec.tops:
+                if t not in tops and spec.type != "Input":
+                    tops.append(t)
+        fns = {}
+        for t in tops:
+            f = fcn_jit(lambda p, x, t=t, g=graph: g.apply({"params": p}, x, outputs=(t,)))
+            jax.block_until_ready(f(pj, x))
+            fns[t] = lambda f=f, p=pj, x=x: jax.block_until_ready(f(p, x))
+        times = interleaved(fns, rounds)
+        cum = {t: float(np.median(v)) * 1e3 for t, v in times.items()}
+        prev, per = 0.0, {}
+        for t in tops:
+            per[t] = cum[t] - prev
+            prev = cum[t]
+        res["fcn_jax_jit_prefix_ms"] = cum
+        res["fcn_jax_jit_layer_ms"] = per
+        out[name] = res
+        print(f"\nprofile {name}:")
+        print("  onnxruntime per node (ms): " + ", ".join(
+            f"{k} {v:.2f}" for k, v in res.get("onnxruntime_ms", {}).items()))
+        print("  fcn_jax.jit per layer (ms, prefix differences): " + ", ".join(
+            f"{k} {v:.2f}" for k, v in per.items()))
+    return out
 
 
 def stream_case(graph, params, pj, n: int, step: int = 128) -> dict:

@@ -336,7 +336,7 @@ def _by_position(layer_type_name: str, blobs: Mapping[str, Any]) -> list[Any]:
 def load_caffe(prototxt: PathLike | Any, caffemodel: PathLike | Mapping | None = None, *,
                phase: str = "TEST", input_shape: Any = None, strict: bool = True,
                seed: int = 0, outputs: Sequence[str] | None = None
-               ) -> tuple[CaffeGraph, dict[str, dict[str, np.ndarray]]]:
+               ) -> tuple[CaffeGraph, dict[str, dict[str, jax.Array]]]:
     """Load a Caffe net as ``(module, params)``.
 
     ``prototxt``: a path or a NetParameter. ``caffemodel``: a path, a params pytree, or None
@@ -345,21 +345,25 @@ def load_caffe(prototxt: PathLike | Any, caffemodel: PathLike | Mapping | None =
     dims); a mismatch, or a layer of the net with no weights in the caffemodel (unless
     ``strict=False``, which fills it), raises ``CaffeFormatError``. ``outputs``: build only
     the layers these blobs need (an unsupported head elsewhere is never read).
+
+    The params are placed on JAX's default device once (``jax.Array`` leaves), so that
+    ``jax.jit(module.apply)({"params": params}, x)`` does not copy every weight to the
+    device on each call; ``np.asarray(params[layer][blob])`` gives the NumPy view.
     """
     path = prototxt if isinstance(prototxt, (str, os.PathLike)) else "<net>"
     net = converters.read_prototxt(prototxt) if isinstance(prototxt, (str, os.PathLike)) \
         else converters.upgrade_net(prototxt)
     module = build_module(net, phase=phase, path=path, outputs=outputs)
     if caffemodel is None:
-        return module, init_params(module, seed, input_shape)
+        return module, on_device(init_params(module, seed, input_shape))
     mpath = caffemodel if isinstance(caffemodel, (str, os.PathLike)) else None
     stored = converters.load_caffemodel(caffemodel) if mpath is not None else caffemodel
     try:
         example_inputs(module, input_shape)
     except ValueError:
         # no input shape known: shapes are checked at apply time
-        return module, {s.name: dict(stored[s.name]) for s in module.layers
-                        if s.name in stored}
+        return module, on_device({s.name: dict(stored[s.name]) for s in module.layers
+                                  if s.name in stored})
     expected = expected_param_shapes(module, input_shape)
     params: dict[str, dict[str, np.ndarray]] = {}
     filled = None
@@ -383,7 +387,21 @@ def load_caffe(prototxt: PathLike | Any, caffemodel: PathLike | Mapping | None =
             src[n] for n in blobs]
         params[layer] = {n: _reconcile(layer, n, a, shp, mpath)
                          for (n, shp), a in zip(blobs.items(), arrays, strict=True)}
-    return module, params
+    return module, on_device(params)
+
+
+def on_device(params: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``params`` with every NumPy array leaf placed on JAX's default device once, in one
+    transfer (a leaf already a ``jax.Array``, or of a dtype JAX would change, such as float64
+    without x64, is passed through). A new tree; the input is not modified."""
+    tree = {k: dict(v) for k, v in params.items()}
+    keys = [(k, n) for k, v in tree.items() for n, a in v.items()
+            if isinstance(a, np.ndarray) and a.dtype == jax.dtypes.canonicalize_dtype(a.dtype)]
+    if keys:
+        moved = jax.device_put([tree[k][n] for k, n in keys])
+        for (k, n), a in zip(keys, moved, strict=True):
+            tree[k][n] = a
+    return tree
 
 
 def blob_names(module: CaffeGraph) -> list[str]:
@@ -398,4 +416,5 @@ def blob_names(module: CaffeGraph) -> list[str]:
 
 __all__ = ["CaffeGraph", "LayerSpec", "blob_names", "build_module", "compile_net",
            "expected_param_shapes", "fill", "init_params", "load_caffe", "module_params",
+           "on_device",
            "param_names", "param_shapes", "run_graph"]

@@ -29,6 +29,7 @@ stays flat: nothing grows with the number of images processed except the list of
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -313,7 +314,8 @@ def _save_npz_atomic(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
 def _loaded_batches(images: Sequence[str], transformer, cfg: PredictConfig
                     ) -> Iterator[list[tuple[str, np.ndarray | None, str | None]]]:
     """Batches of ``(path, input or None, error or None)``, read by ``cfg.workers`` threads
-    one batch ahead (memory: at most two batches of images)."""
+    two batches ahead, so that decoding overlaps the forward pass of the batch before
+    (memory: at most three batches of images)."""
     def load(path: str):
         try:
             return path, load_and_preprocess(path, transformer, max_pixels=cfg.max_pixels,
@@ -323,12 +325,13 @@ def _loaded_batches(images: Sequence[str], transformer, cfg: PredictConfig
 
     chunks = [images[i:i + cfg.batch_size] for i in range(0, len(images), cfg.batch_size)]
     with ThreadPoolExecutor(max_workers=cfg.workers) as pool:
-        pending: list[Future] | None = None
-        for i in range(len(chunks) + 1):
-            ahead = [pool.submit(load, p) for p in chunks[i]] if i < len(chunks) else None
-            if pending is not None:
-                yield [f.result() for f in pending]
-            pending = ahead
+        pending: collections.deque[list[Future]] = collections.deque()
+        for chunk in chunks:
+            pending.append([pool.submit(load, p) for p in chunk])
+            if len(pending) > 2:
+                yield [f.result() for f in pending.popleft()]
+        while pending:
+            yield [f.result() for f in pending.popleft()]
 
 
 def run_predict(module, params, images: Sequence[str], out_dir: str | os.PathLike,

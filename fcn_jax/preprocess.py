@@ -24,6 +24,7 @@ Differences from pycaffe, all deliberate:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -94,8 +95,6 @@ def resize_image(im: np.ndarray, new_dims: tuple[int, int], interp_order: int = 
         raise ValueError(f"resize_image expects an H x W x K array, got shape {im.shape}")
 
     if im.shape[-1] in (1, 3):
-        from skimage.transform import resize
-
         im_min, im_max = im.min(), im.max()
         if not im_max > im_min:
             out = np.empty((new_dims[0], new_dims[1], im.shape[-1]), dtype=np.float32)
@@ -104,9 +103,15 @@ def resize_image(im: np.ndarray, new_dims: tuple[int, int], interp_order: int = 
         im_std = (im - im_min) / (im_max - im_min)
         # skimage's default (anti_aliasing=None) for float input: smooth iff downsampling.
         downsampling = any(n < o for n, o in zip(new_dims, im.shape[:2], strict=True))
-        resized_std = resize(
-            im_std, new_dims, order=interp_order, mode="constant", anti_aliasing=downsampling
-        )
+        if interp_order == 1 and im_std.dtype.kind == "f" and np.isfinite(im_max - im_min):
+            resized_std = _resize_linear(im_std, new_dims, downsampling)
+        else:
+            from skimage.transform import resize
+
+            resized_std = resize(
+                im_std, new_dims, order=interp_order, mode="constant",
+                anti_aliasing=downsampling
+            )
         resized = resized_std * (im_max - im_min) + im_min
     else:
         from scipy.ndimage import zoom
@@ -114,6 +119,54 @@ def resize_image(im: np.ndarray, new_dims: tuple[int, int], interp_order: int = 
         scale = tuple(np.array(new_dims, dtype=float) / np.array(im.shape[:2]))
         resized = zoom(im, scale + (1,), order=interp_order)
     return resized.astype(np.float32)
+
+
+def _resize_linear(im: np.ndarray, new_dims: tuple[int, int], anti_aliasing: bool
+                   ) -> np.ndarray:
+    """``skimage.transform.resize(im, new_dims, order=1, mode="constant",
+    anti_aliasing=anti_aliasing)`` of an ``H x W x K`` image in [0, 1], step for step as
+    scikit-image runs it: scipy's Gaussian filter (the same ``gaussian_filter1d`` calls, axis
+    by axis, each rounded to the image's dtype), then the grid-mode linear zoom of both axes
+    as two cached sparse matrices (float64 sums, rounded once; ``ndimage.zoom`` itself is the
+    slow half), then the clip to the input's range. Equal to scikit-image's result up to the
+    order of the zoom's float64 sums (``tests/test_preprocess.py``)."""
+    from scipy import ndimage as ndi
+
+    x = im
+    if anti_aliasing:
+        for axis, (n, m) in enumerate(zip(im.shape[:2], new_dims, strict=True)):
+            sigma = max(0.0, (n / m - 1) / 2)
+            if sigma > 1e-15:  # ndimage.gaussian_filter skips smaller sigmas
+                x = ndi.gaussian_filter1d(x, sigma, axis=axis, mode="constant", cval=0.0)
+    y = _along(_zoom_operator(im.shape[0], new_dims[0]), x, 0)
+    y = _along(_zoom_operator(im.shape[1], new_dims[1]), y, 1)
+    # skimage clips to the input's range (here [0, 1], which holds its cval 0)
+    return np.clip(y, 0.0, 1.0).astype(im.dtype)
+
+
+def _along(op: Any, x: np.ndarray, axis: int) -> np.ndarray:
+    """The sparse ``op`` (m, n) applied along ``axis`` (0 or 1) of ``x`` (H, W, K), float64."""
+    if axis == 1:
+        return _along(op, x.transpose(1, 0, 2), 0).transpose(1, 0, 2)
+    n, *rest = x.shape
+    return np.asarray(op @ np.asarray(x, np.float64).reshape(n, -1)).reshape(-1, *rest)
+
+
+@functools.lru_cache(maxsize=256)
+def _zoom_operator(n: int, m: int) -> Any:
+    """The (m, n) sparse matrix of ``ndimage.zoom(order=1, mode="grid-constant",
+    grid_mode=True)`` from n to m samples: output ``i`` samples the input at
+    ``(i + 0.5) n / m - 0.5``, linearly between its two neighbours, zero beyond the edge."""
+    from scipy import sparse
+
+    c = (np.arange(m) + 0.5) * (n / m) - 0.5
+    i0 = np.floor(c).astype(np.int64)
+    f = c - i0
+    rows = np.repeat(np.arange(m), 2)
+    cols = np.stack([i0, i0 + 1], axis=1).ravel()
+    vals = np.stack([1.0 - f, f], axis=1).ravel()
+    keep = (cols >= 0) & (cols < n) & (vals != 0)
+    return sparse.csr_matrix((vals[keep], (rows[keep], cols[keep])), shape=(m, n))
 
 
 # --------------------------------------------------------------------------- transformer

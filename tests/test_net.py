@@ -95,6 +95,41 @@ def test_caffenet_mini_full_conv():
     assert (cmap == np.array(info["classification_map"])).mean() == 1.0
 
 
+def test_params_are_device_arrays_and_stay_pure(tmp_path):
+    """load_caffe hands out params on the device (jax.Array leaves, every one placed once): a
+    plain jax.jit(module.apply) then runs with host-to-device transfers forbidden. From a
+    caffemodel, a safetensors file, a NumPy pytree (not modified) and the fillers; the values
+    are the independent reader's (load_caffemodel) and np.asarray gives them back."""
+    d = DATA / "caffenet_mini"
+    proto = d / "caffenet_mini_deploy.prototxt"
+    stored = converters.load_caffemodel(d / "caffenet_mini.caffemodel")
+    before = {k: {n: a.copy() for n, a in v.items()} for k, v in stored.items()}
+    converters.save_safetensors(tmp_path / "w.safetensors", stored)
+    ref = np.load(d / "caffenet_mini_classifier_blobs.npz")
+    device = jax.devices()[0]
+    x = jax.device_put(ref["data"])
+    for source in (d / "caffenet_mini.caffemodel", tmp_path / "w.safetensors", stored):
+        module, params = converters.load_caffe(proto, source)
+        assert set(params) == set(stored)
+        for layer, blobs in params.items():
+            for name, a in blobs.items():
+                assert isinstance(a, jax.Array) and a.devices() == {device}, (layer, name)
+                np.testing.assert_array_equal(np.asarray(a), stored[layer][name])
+        f = jax.jit(module.apply)
+        f({"params": params}, x)  # compiles (constants may move here)
+        with jax.transfer_guard_host_to_device("disallow"):
+            caffe_close(f({"params": params}, x)["prob"], ref["prob"], "prob")
+    for layer, blobs in before.items():  # the NumPy pytree given was not changed
+        for name, a in blobs.items():
+            assert type(stored[layer][name]) is np.ndarray
+            np.testing.assert_array_equal(stored[layer][name], a)
+    _, filled = converters.load_caffe(proto)
+    assert all(isinstance(a, jax.Array) for v in filled.values() for a in v.values())
+    with pytest.raises(Exception, match="[Dd]isallowed host-to-device"):
+        with jax.transfer_guard_host_to_device("disallow"):  # the guard does catch NumPy
+            jax.jit(module.apply)({"params": stored}, x)
+
+
 def test_any_spatial_size_and_batch():
     d = DATA / "caffenet_mini"
     module, params = converters.load_caffe(d / "caffenet_mini_full_conv.prototxt",

@@ -333,7 +333,8 @@ def test_fold_batchnorm_resnet_block_against_caffe():
     for name in ref.files:
         if not name.startswith("param:") and "_split_" not in name:
             caffe_close(blobs[name], ref[name], name)
-    # params against the float64 formula
+    # params against the float64 formula (NumPy copies: load_caffe's leaves are jax.Arrays)
+    params = {k: {n: np.asarray(a, np.float64) for n, a in v.items()} for k, v in params.items()}
     bn, sc = params["bn1"], params["s1"]
     s = 1 / float(bn["scale_factor"][0])
     g = sc["scale"].astype(np.float64) / np.sqrt(bn["variance"] * s + 1e-5)
