@@ -82,7 +82,10 @@ def test_stream_of_sizes_compiles_per_bucket_and_stays_exact(mini_fcn):
         for k in ("fc8-conv", "prob"):
             w = np.asarray(want[k][0])
             assert g[k].shape == w.shape
-            np.testing.assert_allclose(g[k], w, rtol=0, atol=1e-5 * np.abs(w).max(), err_msg=k)
+            # prob at 1e-4 as against Caffe everywhere (the softmax amplifies fc8's last bits:
+            # 1.07e-5 seen on an AMD EPYC host), fc8-conv at 1e-5
+            rel = 1e-4 if k == "prob" else 1e-5
+            np.testing.assert_allclose(g[k], w, rtol=0, atol=rel * np.abs(w).max(), err_msg=k)
 
 
 def test_bucket_keeps_caffes_overhanging_last_window():
@@ -207,9 +210,9 @@ SHARDED = textwrap.dedent("""
 
 
 def test_data_parallel_on_four_host_devices_matches_one_device():
-    """Sharded over 4 devices (2 images each) == one device (6 images): bit for bit with XLA's
-    default kernels; with the faster kernel choice (the default) to float32 rounding, since
-    Eigen's convolution blocking depends on the row count per device."""
+    """Sharded over 4 devices (2 images each) == one device (6 images) to float32 rounding
+    (Eigen's blocking depends on the row count per device); pool5 bit for bit with XLA's
+    default kernels."""
     code = SHARDED.format(tests=str(Path(__file__).parent), data=str(D))
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
                JAX_PLATFORMS="cpu")
@@ -225,7 +228,10 @@ def test_data_parallel_on_four_host_devices_matches_one_device():
         # last bits of fc8; measured 6.7e-6 here), pool5 at 1e-5
         assert res[tag]["same_argmax"], res
         assert res[tag]["rel_diff"]["prob"] <= 1e-4 and res[tag]["rel_diff"]["pool5"] <= 1e-5, res
-    assert res["xla_default"]["equal"], res  # bit for bit
+    # bit for bit on the Intel hosts this was written on; XLA's default kernels on an AMD
+    # EPYC host block the GEMMs by rows per device too (prob 1.65e-5 apart, pool5 equal):
+    # pool5 (no GEMM after the shard split of conv5's output) must still be equal
+    assert res["xla_default"]["rel_diff"]["pool5"] == 0.0, res
 
 
 def test_use_fast_cpu_flags_only_before_jax_starts():
