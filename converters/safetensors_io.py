@@ -20,7 +20,7 @@ import numpy as np
 
 from .caffe_io import MEMORY_BUDGET_ENV, format_prototxt, read_prototxt, resolve_memory_budget
 from .errors import CaffeFormatError
-from .files import atomic_write_bytes
+from .files import atomic_write_bytes, open_regular
 
 PathLike = str | os.PathLike
 Params = dict[str, dict[str, np.ndarray]]
@@ -33,7 +33,7 @@ _MAX_HEADER = 100_000_000
 
 def _sha256(path: PathLike) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
@@ -71,7 +71,7 @@ def save_safetensors(path: PathLike, params: Mapping[str, Mapping[str, Any]], ne
 def is_safetensors(path: PathLike) -> bool:
     """Whether ``path`` starts like a safetensors file (8-byte header size, then ``{``)."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             head = f.read(9)
             size = os.fstat(f.fileno()).st_size
     except OSError:
@@ -86,9 +86,10 @@ def _open(path: PathLike, budget: int):
     from safetensors import SafetensorError, safe_open
 
     try:
-        size = os.stat(path).st_size
+        with open_regular(path) as f:  # a FIFO or device is refused before safe_open
+            size = os.fstat(f.fileno()).st_size
     except OSError as e:
-        raise CaffeFormatError(f"cannot read: {e.strerror}", path=path) from None
+        raise CaffeFormatError(f"cannot read: {e.strerror or e}", path=path) from None
     if size > budget:
         raise CaffeFormatError(f"file of {size} bytes exceeds the memory budget of {budget} "
                                f"bytes (set {MEMORY_BUDGET_ENV} to raise it)", path=path)

@@ -95,8 +95,13 @@ def save_exported(path: PathLike, exported: jax.export.Exported) -> None:
 
 def load_exported(path: PathLike) -> jax.export.Exported:
     """``jax.export.deserialize`` of a file (what a service does without this library)."""
-    with open(path, "rb") as f:
-        data = f.read()
+    from converters.files import open_regular
+
+    try:
+        with open_regular(path) as f:
+            data = f.read()
+    except OSError as e:
+        raise CaffeFormatError(f"cannot read: {e.strerror or e}", path=path) from None
     try:
         return jax.export.deserialize(bytearray(data))
     except Exception as e:  # flatbuffers raise assorted errors on foreign bytes

@@ -316,7 +316,7 @@ def _det_sizes(spec: LayerSpec, shapes: list[Shape]) -> tuple[int, int, int]:
         raise _err(spec, f"confidences {shapes[1]} do not hold {priors} priors x {ncls} "
                    "classes", "bottom")
     k = priors if c["top_k"] < 0 else min(c["top_k"], priors)
-    fg = sum(1 for i in range(ncls) if i != c["background_label_id"])
+    fg = ncls - (1 if 0 <= c["background_label_id"] < ncls else 0)
     rows = fg * k if c["keep_top_k"] < 0 else min(c["keep_top_k"], fg * k)
     return priors, k, max(rows, 1)
 
@@ -403,7 +403,9 @@ def detection_output(loc: Any, conf: Any, prior: Any, cfg: Mapping[str, Any]
     conf = conf.reshape(num, priors, ncls)
     pbox = prior[0, 0].reshape(priors, 4)
     pvar = prior[0, 1].reshape(priors, 4)
-    fg = [i for i in range(ncls) if i != c["background_label_id"]]
+    bg = c["background_label_id"]
+    fg = np.delete(np.arange(ncls, dtype=np.int32), [bg] if 0 <= bg < ncls else [])
+    labels = jnp.asarray(fg)
     k = priors if c["top_k"] < 0 else min(c["top_k"], priors)
     rows = len(fg) * k if c["keep_top_k"] < 0 else min(c["keep_top_k"], len(fg) * k)
     rows = max(rows, 1)
@@ -412,17 +414,18 @@ def detection_output(loc: Any, conf: Any, prior: Any, cfg: Mapping[str, Any]
     def one_image(img, loc_i, conf_i):
         boxes = decode_boxes(pbox, pvar, jnp.moveaxis(loc_i, 1, 0), c["code_type"],
                              c["variance_encoded_in_target"])  # (loc_classes, P, 4)
-        idx, sc, kept, lab = [], [], [], []
-        for label in fg:
-            b = boxes[0 if c["share_location"] else label]
-            o, s, kp = nms_fast(b, conf_i[:, label], score_threshold=c["confidence_threshold"],
-                                nms_threshold=c["nms_threshold"], eta=c["eta"],
-                                top_k=c["top_k"])
-            idx.append(o)
-            sc.append(s)
-            kept.append(kp)
-            lab.append(jnp.full((k,), label, jnp.int32))
-        idx, sc, kept, lab = (jnp.concatenate(v) for v in (idx, sc, kept, lab))
+        # one NMS vmapped over the classes: the graph does not grow with num_classes
+        def nms(b, s):
+            return nms_fast(b, s, score_threshold=c["confidence_threshold"],
+                            nms_threshold=c["nms_threshold"], eta=c["eta"], top_k=c["top_k"])
+
+        scores = jnp.take(conf_i, labels, axis=1).T  # (F, P)
+        if c["share_location"]:
+            o, s, kp = jax.vmap(nms, in_axes=(None, 0))(boxes[0], scores)
+        else:
+            o, s, kp = jax.vmap(nms)(jnp.take(boxes, labels, axis=0), scores)
+        idx, sc, kept = o.reshape(-1), s.reshape(-1), kp.reshape(-1)
+        lab = jnp.repeat(labels, k)
         pos = jnp.tile(jnp.arange(k, dtype=jnp.int32), len(fg))
         # keep_top_k: the best `rows` kept detections over all classes (ties: first found)
         rank = jnp.argsort(-jnp.where(kept, sc, -jnp.inf), stable=True)[:rows]

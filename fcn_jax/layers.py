@@ -444,13 +444,23 @@ def lrn(
     region = norm_region.upper()
     sq = x * x
     if region == "ACROSS_CHANNELS":
-        window = (1, local_size) + (1,) * (x.ndim - 2)
-        padding = ((0, 0), (pre_pad, pre_pad)) + ((0, 0),) * (x.ndim - 2)
+        # a window wider than the channels sums them all: clipped to 2C - 1 (same sums)
+        pre = min(pre_pad, max(x.shape[1] - 1, 0))
+        window = (1, 2 * pre + 1) + (1,) * (x.ndim - 2)
+        padding = ((0, 0), (pre, pre)) + ((0, 0),) * (x.ndim - 2)
         sums = lax.reduce_window(sq, 0.0, lax.add, window, (1,) * x.ndim, padding)
         scale_ = k + (alpha / local_size) * sums
         return x * jnp.power(scale_, -beta)
     if region == "WITHIN_CHANNEL":
-        pooled = pooling(sq, method="AVE", kernel=local_size, stride=1, pad=pre_pad)
+        # the window clipped to the blob (2H - 1, 2W - 1: the same sums); Caffe's divisor
+        # stays local_size^2 (the padded window always fits)
+        ph, pw = (min(pre_pad, max(d - 1, 0)) for d in x.shape[2:4])
+        if ph == pw == pre_pad:
+            pooled = pooling(sq, method="AVE", kernel=local_size, stride=1, pad=pre_pad)
+            return x * power(pooled, power=-beta, scale=alpha, shift=1.0)
+        sums = lax.reduce_window(sq, 0.0, lax.add, (1, 1, 2 * ph + 1, 2 * pw + 1),
+                                 (1, 1, 1, 1), ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+        pooled = sums / jnp.asarray(float(local_size) * float(local_size), sq.dtype)
         return x * power(pooled, power=-beta, scale=alpha, shift=1.0)
     raise ValueError(f"unknown LRN norm_region {norm_region!r}")
 
@@ -656,6 +666,11 @@ def softmax(x: Array, axis: int = 1) -> Array:
 # --------------------------------------------------------------------------------------------
 
 
+#: Up to this many bottoms ``eltwise`` reduces in Caffe's order, one after the other;
+#: beyond, as a pairwise tree (log depth).
+ELTWISE_CHAIN_MAX = 16
+
+
 def eltwise(
     xs: Sequence[Array], operation: str = "SUM", coeff: Sequence[float] | None = None
 ) -> Array:
@@ -666,11 +681,26 @@ def eltwise(
     if len(xs) < 2:
         raise ValueError("Eltwise needs at least two bottoms")
     op = operation.upper()
+    if op not in ("SUM", "PROD", "MAX"):
+        raise ValueError(f"unknown Eltwise operation {operation!r}")
+    if coeff and op != "SUM":
+        raise ValueError("Eltwise coefficients only apply to SUM")
+    if coeff and len(coeff) != len(xs):
+        raise ValueError("Eltwise SUM needs one coefficient per bottom")
+    if len(xs) > ELTWISE_CHAIN_MAX:
+        # a pairwise tree, log2(n) deep: a chain of 30,000 adds overflows XLA's stack and
+        # compiles super-linearly, one stack of them compiles slowly (not Caffe's order)
+        if op == "SUM" and coeff:
+            xs = [v if c == 1 else v * jnp.asarray(c, v.dtype)
+                  for c, v in zip(coeff, xs, strict=True)]
+        fn = {"SUM": jnp.add, "PROD": jnp.multiply, "MAX": jnp.maximum}[op]
+        while len(xs) > 1:
+            xs = [fn(xs[i], xs[i + 1]) if i + 1 < len(xs) else xs[i]
+                  for i in range(0, len(xs), 2)]
+        return xs[0]
     if op == "SUM":
         if coeff is None or len(coeff) == 0:
             coeff = [1.0] * len(xs)
-        if len(coeff) != len(xs):
-            raise ValueError("Eltwise SUM needs one coefficient per bottom")
         out = None
         for c, v in zip(coeff, xs, strict=True):
             term = v if c == 1 else v * jnp.asarray(c, v.dtype)
@@ -712,9 +742,13 @@ def slice_blob(
             raise ValueError(f"cannot split size {n} evenly into {num_tops} tops")
         step = n // num_tops
         bounds = [i * step for i in range(num_tops + 1)]
-    return [
-        lax.slice_in_dim(x, b0, b1, axis=axis) for b0, b1 in zip(bounds, bounds[1:], strict=False)
-    ]
+    pairs = list(zip(bounds, bounds[1:], strict=False))
+    if len(pairs) <= 64:
+        return [lax.slice_in_dim(x, b0, b1, axis=axis) for b0, b1 in pairs]
+    # many tops: the start as an array, so that op-by-op dispatch compiles one slice per
+    # distinct size, not one per top (5,000 compiles took 50 s and 4.6 GB)
+    return [lax.dynamic_slice_in_dim(x, jnp.asarray(b0, jnp.int32), b1 - b0, axis=axis)
+            for b0, b1 in pairs]
 
 
 def flatten(x: Array, axis: int = 1, end_axis: int = -1) -> Array:

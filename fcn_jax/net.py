@@ -261,11 +261,13 @@ def _check_shapes(layer: str, p: Mapping[str, Array], shapes: Mapping[str, tuple
 # ----------------------------------------------------------------------------- loading
 
 
-def build_module(net, *, phase: str = "TEST", path: PathLike = "<net>",
+def build_module(net, *, phase: str = "TEST", stages: Sequence[str] | None = (),
+                 level: int | None = None, path: PathLike = "<net>",
                  outputs: Sequence[str] | None = None) -> CaffeGraph:
     """A ``CaffeGraph`` for a NetParameter (already read and upgraded); ``outputs``: only
     the layers these blobs need."""
-    return CaffeGraph(layers=compile_net(net, phase=phase, path=path, outputs=outputs),
+    return CaffeGraph(layers=compile_net(net, phase=phase, path=path, outputs=outputs,
+                                         stages=stages, level=level),
                       name_=net.name or "net")
 
 
@@ -320,7 +322,8 @@ def _by_position(layer_type_name: str, blobs: Mapping[str, Any]) -> list[Any]:
 
 def load_caffe(prototxt: PathLike | Any, caffemodel: PathLike | Mapping | None = None, *,
                phase: str = "TEST", input_shape: Any = None, strict: bool = True,
-               seed: int = 0, outputs: Sequence[str] | None = None
+               seed: int = 0, outputs: Sequence[str] | None = None,
+               stages: Sequence[str] | None = (), level: int | None = None
                ) -> tuple[CaffeGraph, dict[str, dict[str, np.ndarray]]]:
     """Load a Caffe net as ``(module, params)``.
 
@@ -329,12 +332,18 @@ def load_caffe(prototxt: PathLike | Any, caffemodel: PathLike | Mapping | None =
     position (Caffe's order) and fitted to the net's shapes like Caffe does (legacy 4-D
     dims); a mismatch, or a layer of the net with no weights in the caffemodel (unless
     ``strict=False``, which fills it), raises ``CaffeFormatError``. ``outputs``: build only
-    the layers these blobs need (an unsupported head elsewhere is never read).
+    the layers these blobs need (an unsupported head elsewhere is never read); a string is
+    one blob. ``stages``/``level``: the NetState of Caffe's include/exclude rules, like
+    pycaffe's ``Net(..., stages=, level=)`` (stages add to the net's own ``state``; level
+    None keeps the net's).
     """
     path = prototxt if isinstance(prototxt, (str, os.PathLike)) else "<net>"
     net = converters.read_prototxt(prototxt) if isinstance(prototxt, (str, os.PathLike)) \
         else converters.upgrade_net(prototxt)
-    module = build_module(net, phase=phase, path=path, outputs=outputs)
+    if isinstance(outputs, str):
+        outputs = (outputs,)
+    module = build_module(net, phase=phase, path=path, outputs=outputs, stages=stages,
+                          level=level)
     if caffemodel is None:
         return module, init_params(module, seed, input_shape)
     mpath = caffemodel if isinstance(caffemodel, (str, os.PathLike)) else None
