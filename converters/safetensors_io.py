@@ -48,6 +48,13 @@ def save_safetensors(path: PathLike, params: Mapping[str, Mapping[str, Any]], ne
     ``metadata["prototxt"]``; ``source`` (the caffemodel converted) as its file name and
     ``metadata["source_sha256"]``. ``metadata`` adds string entries.
     """
+    atomic_write_bytes(path, safetensors_bytes(params, net, source=source, metadata=metadata))
+
+
+def safetensors_bytes(params: Mapping[str, Mapping[str, Any]], net: Any = None, *,
+                      source: PathLike | None = None,
+                      metadata: Mapping[str, str] | None = None) -> bytes:
+    """The bytes ``save_safetensors`` writes (to write them with other files as a group)."""
     from safetensors.numpy import save
 
     tensors: dict[str, np.ndarray] = {}
@@ -65,7 +72,7 @@ def save_safetensors(path: PathLike, params: Mapping[str, Mapping[str, Any]], ne
         meta["source"] = os.path.basename(os.fspath(source))
         meta["source_sha256"] = _sha256(source)
     meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
-    atomic_write_bytes(path, save(tensors, metadata=meta))
+    return save(tensors, metadata=meta)
 
 
 def is_safetensors(path: PathLike) -> bool:
@@ -125,8 +132,11 @@ def load_safetensors(path: PathLike, *, memory_budget: int | None = None) -> Par
                                        field=repr(name))
             try:
                 arr = f.get_tensor(name)
-            except (SafetensorError, ValueError, TypeError) as e:
-                raise CaffeFormatError(f"unreadable tensor ({e})", path=path, layer=layer,
+            except (SafetensorError, ValueError, TypeError, AttributeError, KeyError) as e:
+                # AttributeError: a dtype NumPy lacks (F8_E4M3, ...) in safetensors.numpy
+                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise CaffeFormatError(f"unreadable tensor ({type(e).__name__}: {reason}); "
+                                       "Caffe weights are float32", path=path, layer=layer,
                                        field=blob) from None
             if arr.dtype.kind != "f":
                 raise CaffeFormatError(f"dtype {arr.dtype} is not a float", path=path,
@@ -135,5 +145,5 @@ def load_safetensors(path: PathLike, *, memory_budget: int | None = None) -> Par
     return params
 
 
-__all__ = ["FORMAT", "is_safetensors", "load_safetensors", "safetensors_metadata",
-           "save_safetensors"]
+__all__ = ["FORMAT", "is_safetensors", "load_safetensors", "safetensors_bytes",
+           "safetensors_metadata", "save_safetensors"]

@@ -143,6 +143,8 @@ class LayerType:
 #: Every known layer type by Caffe type name. Filled by ``fcn_jax.builtin_layers`` at import
 #: and by :func:`register_layer`.
 LAYER_TYPES: dict[str, LayerType] = {}
+#: The built-in records a user's ``replace=True`` shadows, put back by ``remove_layer_type``.
+_SHADOWED: dict[str, LayerType] = {}
 
 
 def add_layer_type(record: LayerType, *, replace: bool = False) -> LayerType:
@@ -153,16 +155,21 @@ def add_layer_type(record: LayerType, *, replace: bool = False) -> LayerType:
     if old is not None and not replace:
         raise ValueError(f"layer type {record.name!r} is already registered "
                          f"({'built in' if old.builtin else 'by the user'}): pass replace=True")
+    if old is not None and old.builtin and not record.builtin:
+        _SHADOWED[record.name] = old
     LAYER_TYPES[record.name] = record
     return record
 
 
 def remove_layer_type(type_name: str) -> None:
-    """Take a user-registered type out of the table (built-in types stay)."""
+    """Take a user-registered type out of the table (built-in types stay): a user's
+    replacement of a built-in type gives the built-in record back."""
     rec = LAYER_TYPES.get(type_name)
     if rec is not None and rec.builtin:
         raise ValueError(f"{type_name!r} is a built-in layer type")
     LAYER_TYPES.pop(type_name, None)
+    if type_name in _SHADOWED:
+        LAYER_TYPES[type_name] = _SHADOWED.pop(type_name)
 
 
 def register_layer(type_name: str, *, param_shapes: Callable | None = None,

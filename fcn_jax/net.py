@@ -171,6 +171,52 @@ def run_graph(layers: Sequence[LayerSpec], get_params: Callable[[LayerSpec, list
     return {k: blobs[k].nchw() for k in names}, {k: valids.get(k) for k in names}
 
 
+def _any_batch(shape: Sequence[int]) -> str:
+    return "(" + ", ".join(["N"] + [str(int(d)) for d in shape[1:]]) + ")"
+
+
+def check_inputs(layers: Sequence[LayerSpec], blobs: Mapping[str, Array],
+                 declared: Mapping[str, tuple[int, ...] | None],
+                 params: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+    """Before anything is traced: every input a float array, not empty, and, where its shape
+    differs from the prototxt's, one the net's layers (and ``params``) take; else one line,
+    ``input 'data' of shape (1, 48, 48, 3) does not fit the net, which takes (N, 3, 48,
+    48) (at this input, layer 'fc6': ...)``."""
+    for name, x in blobs.items():
+        shape = tuple(x.shape)
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise CaffeFormatError(f"input {name!r} is {x.dtype}: the net takes float arrays "
+                                   "(Caffe's blobs are float; convert and preprocess first)",
+                                   field="inputs")
+        if any(isinstance(d, int) and d == 0 for d in shape):
+            raise CaffeFormatError(f"input {name!r} of shape {shape} is empty", field="inputs")
+    sizes = {k: tuple(v.shape) for k, v in blobs.items()}
+    if not all(isinstance(d, int) for s in sizes.values() for d in s):
+        return  # symbolic dimensions (jax.export): checked by tracing
+    if all(declared.get(k) is not None and s[1:] == tuple(declared[k])[1:]
+           and len(s) == len(declared[k]) for k, s in sizes.items()):
+        return  # the prototxt's own shapes (any batch): the layers were checked at load
+    try:
+        shapes = blob_shapes(layers, sizes)
+        for spec in layers:
+            if params is None or spec.name not in params or not all(
+                    b in shapes for b in spec.bottoms):
+                continue
+            _check_shapes(spec.name, params[spec.name],
+                          param_shapes(spec, [shapes[b] for b in spec.bottoms]))
+    except (ValueError, TypeError, IndexError, KeyError) as e:
+        got = ", ".join(f"{k!r} of shape {s}" for k, s in sizes.items())
+        known = {k: v for k, v in declared.items() if v is not None and k in sizes}
+        want = (_any_batch(next(iter(known.values()))) if len(known) == 1 == len(sizes)
+                else ", ".join(f"{k!r} {_any_batch(v)}" for k, v in known.items()))
+        layer, field = getattr(e, "layer", None), getattr(e, "field", None)
+        where = "".join(f"{k}: " for k in (layer and f"layer {layer!r}", field) if k)
+        reason = getattr(e, "reason", None) or str(e)
+        takes = f", which takes {want}" if want else ""
+        raise CaffeFormatError(f"input {got} does not fit the net{takes} (at this input, "
+                               f"{where}{reason})") from None
+
+
 class CaffeGraph(nn.Module):
     """A Caffe net as a Flax module. ``apply({"params": p}, x)`` returns ``{blob: array}``.
 
@@ -218,6 +264,11 @@ class CaffeGraph(nn.Module):
                 raise CaffeFormatError(f"the net takes inputs {list(names)}: pass a dict "
                                        "{name: array}", field="inputs")
             blobs = {names[0]: jnp.asarray(x)}
+        check_inputs(layers, blobs, self.input_shapes,
+                     None if self.is_mutable_collection("params")
+                     else self.variables.get("params"))
+        if isinstance(outputs, str):
+            outputs = (outputs,)
         rng = (lambda: self.make_rng("dropout")) if train and self.has_rng("dropout") else None
         out, _ = run_graph(layers, module_params(self), blobs, outputs=outputs, train=train,
                            rng=rng)
@@ -233,6 +284,10 @@ def module_params(module: nn.Module) -> Callable[[LayerSpec, list], Mapping[str,
         shapes = param_shapes(spec, bottom_shapes)
         if not shapes:
             return {}
+        if module.has_variable("params", spec.name):  # our check, before Flax's
+            p = module.get_variable("params", spec.name)
+            _check_shapes(spec.name, p, shapes)
+            return p
         p = module.param(spec.name, _init_layer(spec.name, shapes))
         _check_shapes(spec.name, p, shapes)
         return p
