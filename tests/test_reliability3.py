@@ -47,7 +47,7 @@ def test_every_file_the_library_reads_goes_through_the_guarded_reader():
     """No plain ``open(path)`` for reading, ``Path.read_text/read_bytes`` or
     ``safe_open`` before ``open_regular`` in the library: a FIFO would block them."""
     found = []
-    for py in sorted((ROOT / "fcn_jax").rglob("*.py")) + sorted((ROOT / "converters").rglob("*.py")):
+    for py in sorted([*(ROOT / "fcn_jax").rglob("*.py"), *(ROOT / "converters").rglob("*.py")]):
         rel = py.relative_to(ROOT).as_posix()
         for node in ast.walk(ast.parse(py.read_text())):
             if not isinstance(node, ast.Call):
