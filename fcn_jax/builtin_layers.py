@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from converters import CaffeFormatError, UnsupportedLayerError
 
@@ -497,13 +498,26 @@ _elementwise("Power", lambda lp: {"power": float(lp.power_param.power),
              lambda x, c: L.power(x, c["power"], c["scale"], c["shift"]))
 _elementwise("ELU", lambda lp: {"alpha": float(lp.elu_param.alpha)},
              lambda x, c: L.elu(x, c["alpha"]))
-_elementwise("Exp", lambda lp: {"base": float(lp.exp_param.base),
-                                "scale": float(lp.exp_param.scale),
-                                "shift": float(lp.exp_param.shift)},
+def _read_base(lp, field: str, refuse_one: bool) -> dict:
+    """exp_layer.cpp / log_layer.cpp LayerSetUp: ``log(base)`` (and for Log ``1/log(base)``)
+    must be finite, else Caffe's CHECK stops; refused here naming the field."""
+    p = getattr(lp, field)
+    base = float(p.base)
+    if base != -1.0:
+        with np.errstate(all="ignore"):
+            log_base = np.log(np.float32(base))
+            bad = not np.isfinite(log_base) or (refuse_one and not np.isfinite(
+                np.float32(1) / log_base))
+        if bad:
+            what = "1 / log(base)" if np.isfinite(log_base) else "log(base)"
+            raise CaffeFormatError(f"base {base}: {what} is not finite (Caffe refuses it)",
+                                   layer=lp.name, field=f"{field}.base")
+    return {"base": base, "scale": float(p.scale), "shift": float(p.shift)}
+
+
+_elementwise("Exp", lambda lp: _read_base(lp, "exp_param", False),
              lambda x, c: L.exp(x, c["base"], c["scale"], c["shift"]))
-_elementwise("Log", lambda lp: {"base": float(lp.log_param.base),
-                                "scale": float(lp.log_param.scale),
-                                "shift": float(lp.log_param.shift)},
+_elementwise("Log", lambda lp: _read_base(lp, "log_param", True),
              lambda x, c: L.log(x, c["base"], c["scale"], c["shift"]))
 _elementwise("Threshold", lambda lp: {"threshold": float(lp.threshold_param.threshold)},
              lambda x, c: L.threshold(x, c["threshold"]))

@@ -159,8 +159,12 @@ def _read_prior_box(lp) -> dict:
     name = lp.name
     if not p.min_size:
         raise _err(name, "must provide min_size", "prior_box_param.min_size")
-    if any(m <= 0 for m in p.min_size):
+    if any(not m > 0 for m in p.min_size):
         raise _err(name, "min_size must be positive", "prior_box_param.min_size")
+    for what in ("min_size", "max_size", "aspect_ratio"):  # Caffe's int() of inf is undefined
+        if any(not math.isfinite(v) or v <= 0 for v in getattr(p, what)):
+            raise _err(name, f"{what} {list(getattr(p, what))} must be positive and finite",
+                       f"prior_box_param.{what}")
     ratios = [1.0]
     for ar in p.aspect_ratio:
         if not any(abs(ar - r) < 1e-6 for r in ratios):
@@ -599,6 +603,9 @@ def _interp_out(spec: LayerSpec, shapes: list[Shape]) -> tuple[int, int]:
     """interp_layer.cpp ``Reshape``: the output (H, W)."""
     c = spec.cfg
     need_4d(spec, shapes[0])
+    if (c["zoom"] is not None and c["zoom"] < 1) or (c["shrink"] is not None
+                                                     and c["shrink"] < 1):
+        raise _err(spec, "zoom_factor and shrink_factor must be positive", "interp_param")
     eff = tuple(v + c["pad_beg"] + c["pad_end"] for v in shapes[0][2:])
     given = c["zoom"] is not None or c["shrink"] is not None or c["height"] is not None \
         or c["width"] is not None

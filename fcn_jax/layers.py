@@ -594,8 +594,9 @@ def power(x: Array, power: float = 1.0, scale: float = 1.0, shift: float = 0.0) 
     As in Caffe, ``power * scale == 0`` gives the constant ``1`` (power 0) or ``shift^power``.
     """
     x = jnp.asarray(x)
-    if power * scale == 0:
-        value = 1.0 if power == 0 else float(shift) ** power
+    if power * scale == 0:  # Caffe's float pow: NaN for a negative base, inf past the range
+        with np.errstate(all="ignore"):
+            value = 1.0 if power == 0 else float(np.power(np.float32(shift), np.float32(power)))
         return jnp.full_like(x, value)
     y = x
     if scale != 1:
@@ -625,7 +626,9 @@ def exp(x: Array, base: float = -1.0, scale: float = 1.0, shift: float = 0.0) ->
         raise ValueError(f"Exp base must be positive (or -1 for e), got {base}")
     log_base = 1.0 if base == -1.0 else math.log(base)
     inner = log_base * scale
-    outer = 1.0 if shift == 0 else (math.exp(shift) if base == -1.0 else base**shift)
+    with np.errstate(all="ignore"):  # Caffe's float pow/exp: inf past the range
+        outer = 1.0 if shift == 0 else float(np.exp(np.float32(shift)) if base == -1.0
+                                             else np.power(np.float32(base), np.float32(shift)))
     y = jnp.exp(x if inner == 1 else x * jnp.asarray(inner, x.dtype))
     return y if outer == 1 else y * jnp.asarray(outer, x.dtype)
 
@@ -633,8 +636,8 @@ def exp(x: Array, base: float = -1.0, scale: float = 1.0, shift: float = 0.0) ->
 def log(x: Array, base: float = -1.0, scale: float = 1.0, shift: float = 0.0) -> Array:
     """Caffe ``Log``: ``y = log_base(shift + scale * x)``; ``base = -1`` (default) means ``e``."""
     x = jnp.asarray(x)
-    if base != -1.0 and base <= 0:
-        raise ValueError(f"Log base must be positive (or -1 for e), got {base}")
+    if base != -1.0 and (base <= 0 or base == 1):
+        raise ValueError(f"Log base must be positive and not 1 (or -1 for e), got {base}")
     y = x
     if scale != 1:
         y = y * jnp.asarray(scale, x.dtype)

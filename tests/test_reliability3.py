@@ -516,3 +516,41 @@ def test_damaged_meta_is_one_line(saved_state):
     T, state, ck = saved_state
     with pytest.raises(CaffeFormatError, match="meta is list, not a JSON object"):
         T._checked_meta([1], state.params, ck, 3)
+
+
+# ----------------------------------------------------------------------------- item 8
+
+
+@pytest.mark.parametrize("layer,x,want", [
+    # exp_layer.cpp: outer_scale = powf(10, 1000) = inf (float); inf * e^(ln10 * 0) = inf
+    ('type: "Exp" exp_param { base: 10 shift: 1000 }', 0.0, np.inf),
+    # power_layer.cpp, scale 0: caffe_set(powf(-1, 0.5)) = NaN
+    ('type: "Power" power_param { shift: -1 scale: 0 power: 0.5 }', 3.0, np.nan),
+    # powf(-2, 0.5) = NaN element-wise
+    ('type: "Power" power_param { shift: -3 power: 0.5 }', 1.0, np.nan),
+])
+def test_float_overflow_and_nan_come_out_as_caffe_computes_them(tmp_path, layer, x, want):
+    path = tmp_path / "n.prototxt"
+    path.write_text(net(f'layer {{ name: "l" {layer} bottom: "data" top: "l" }}',
+                        shape=(1, 1, 2, 2)))
+    module, params = converters.load_caffe(path)
+    got = np.asarray(module.apply({"params": params}, np.full((1, 1, 2, 2), x, np.float32))["l"])
+    np.testing.assert_array_equal(got, np.full((1, 1, 2, 2), want, np.float32))
+
+
+@pytest.mark.parametrize("layer,bottoms,match", [
+    ('type: "Log" log_param { base: 1 }', 1, r"layer 'l': log_param.base: .*1 / log\(base\)"),
+    ('type: "Log" log_param { base: 0 }', 1, r"layer 'l': log_param.base: .*log\(base\)"),
+    ('type: "Exp" exp_param { base: 0 }', 1, r"layer 'l': exp_param.base"),
+    ('type: "Interp" interp_param { shrink_factor: 0 }', 1, r"layer 'l': interp_param: "),
+    ('type: "PriorBox" prior_box_param { min_size: 2 aspect_ratio: 0 }', 2,
+     r"layer 'l': prior_box_param.aspect_ratio"),
+    ('type: "PriorBox" prior_box_param { min_size: inf }', 2,
+     r"layer 'l': prior_box_param.min_size"),
+])
+def test_caffes_setup_refusals_name_file_layer_and_field(tmp_path, layer, bottoms, match):
+    path = tmp_path / "n.prototxt"
+    b = ' bottom: "data"' * bottoms
+    path.write_text(net(f'layer {{ name: "l" {layer}{b} top: "l" }}', shape=(1, 1, 4, 4)))
+    with pytest.raises(CaffeFormatError, match="n.prototxt: " + match):
+        converters.load_caffe(path)
