@@ -573,7 +573,7 @@ class TrainCheckpoints:
         if keep_best:
             policies.append(cm.BestN(get_metric_fn=lambda m: m["loss"], reverse=True, n=1))
         self._ocp = ocp
-        with _quiet_orbax():
+        with _quiet_orbax(), _unreadable(self.directory, "the folder"):
             options = ocp.CheckpointManagerOptions(
                 preservation_policy=cm.AnyPreservationPolicy(policies),
                 best_fn=lambda m: m["loss"], best_mode="min", read_only=read_only,
@@ -627,7 +627,8 @@ class TrainCheckpoints:
 
     def _step(self, step: int | None) -> int:
         self.manager.wait_until_finished()
-        steps = self.manager.all_steps()
+        with _unreadable(self.directory, "the folder"):
+            steps = self.manager.all_steps()
         if not steps:
             raise CaffeFormatError("no training checkpoint in this folder", path=self.directory)
         step = self.manager.latest_step() if step is None else int(step)
@@ -638,10 +639,12 @@ class TrainCheckpoints:
 
     def _saved_tree(self, step: int) -> Any:
         try:
-            with _quiet_orbax():
+            with _quiet_orbax(), _unreadable(self.directory, f"step {step}"):
                 tree = self.manager.item_metadata(step)["state"]
             tree = getattr(tree, "tree", tree)
         except (KeyError, ValueError, FileNotFoundError, TypeError, AttributeError) as e:
+            if isinstance(e, CaffeFormatError):
+                raise
             raise CaffeFormatError(f"step {step} is not a training checkpoint ({e})",
                                    path=self.directory) from None
         if not isinstance(tree, Mapping) or {"step", "params", "opt_state", "rng"} - set(tree):
@@ -665,16 +668,9 @@ class TrainCheckpoints:
         """Orbax's restore with a damaged folder (truncated OCDBT files, broken JSON) as
         one ``CaffeFormatError`` naming the folder and the step."""
         ocp = self._ocp
-        try:
-            with _quiet_orbax():
-                return self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-        except (KeyboardInterrupt, SystemExit, MemoryError):
-            raise
-        except Exception as e:  # tensorstore, JSON and Orbax raise assorted types
-            reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
-            raise CaffeFormatError(f"step {step} cannot be read ({type(e).__name__}: "
-                                   f"{reason})", path=self.directory) from None
+        with _quiet_orbax(), _unreadable(self.directory, f"step {step}"):
+            return self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
 
     def restore(self, template: TrainState, step: int | None = None
                 ) -> tuple[TrainState, dict]:
@@ -706,6 +702,20 @@ class TrainCheckpoints:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def _unreadable(directory: str, what: str):
+    """Orbax, tensorstore and JSON errors of a damaged checkpoint folder (truncated OCDBT
+    files, broken or 100,000-deep JSON) as one ``CaffeFormatError`` naming the folder."""
+    try:
+        yield
+    except CaffeFormatError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the readers raise assorted types
+        reason = (str(e).splitlines() or [""])[0][:200] or type(e).__name__
+        raise CaffeFormatError(f"{what} cannot be read ({type(e).__name__}: {reason})",
+                               path=directory) from None
 
 
 #: The ``meta`` entry holding :func:`params_digest` of the saved params.
