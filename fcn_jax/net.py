@@ -178,13 +178,17 @@ def _any_batch(shape: Sequence[int]) -> str:
 def check_inputs(layers: Sequence[LayerSpec], blobs: Mapping[str, Array],
                  declared: Mapping[str, tuple[int, ...] | None],
                  params: Mapping[str, Mapping[str, Any]] | None = None) -> None:
-    """Before anything is traced: every input a float array, not empty, and, where its shape
+    """Before anything is traced: every input real (a single input a float array), not
+    empty, and, where its shape
     differs from the prototxt's, one the net's layers (and ``params``) take; else one line,
     ``input 'data' of shape (1, 48, 48, 3) does not fit the net, which takes (N, 3, 48,
     48) (at this input, layer 'fc6': ...)``."""
     for name, x in blobs.items():
         shape = tuple(x.shape)
-        if not jnp.issubdtype(x.dtype, jnp.floating):
+        # an integer array is refused as a single-input net's image (a raw uint8 image);
+        # beside other inputs it may be a label blob
+        kind = np.dtype(x.dtype).kind
+        if kind in "bc" or (kind in "iu" and len(blobs) == 1):
             raise CaffeFormatError(f"input {name!r} is {x.dtype}: the net takes float arrays "
                                    "(Caffe's blobs are float; convert and preprocess first)",
                                    field="inputs")
