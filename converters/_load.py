@@ -69,7 +69,7 @@ def load_caffe(prototxt, caffemodel=None, *, memory_budget: int | None = None, *
             _check_filler_budget(_net, net_arg, kwargs, budget, path)
         if isinstance(caffemodel, (str, os.PathLike)):
             stored = load_weights(caffemodel, memory_budget=budget)
-            _warn_unused(net_arg, stored, caffemodel, kwargs.get("phase", "TEST"))
+            _warn_unused(net_arg, stored, caffemodel, kwargs)
             return _with_model_path(_net.load_caffe, net_arg, stored, caffemodel, path,
                                     kwargs)
         if caffemodel is not None:
@@ -94,14 +94,16 @@ def _with_model_path(load, net, params, model_path, net_path, kwargs):
         raise
 
 
-def _warn_unused(net, stored, model_path, phase: str) -> None:
+def _warn_unused(net, stored, model_path, kwargs: dict) -> None:
     """Caffe's "Ignoring source layer": weights for layers the net does not have. Expected
     after surgery (renamed layers); otherwise a sign of a truncated prototxt or the wrong
     caffemodel."""
     from .caffe_io import filter_net
 
     try:
-        names = {lp.name for lp in filter_net(net, phase=phase).layer}
+        names = {lp.name for lp in filter_net(net, phase=kwargs.get("phase", "TEST"),
+                                              stages=kwargs.get("stages", ()),
+                                              level=kwargs.get("level")).layer}
     except (CaffeFormatError, KeyError):
         return
     unused = [k for k in stored if k not in names]
@@ -114,9 +116,11 @@ def _warn_unused(net, stored, model_path, phase: str) -> None:
 
 def _check_filler_budget(_net, net, kwargs: dict, budget: int, path) -> None:
     """Refuse fillers that would allocate more parameter bytes than the budget."""
+    outputs = kwargs.get("outputs")
     module = _net.build_module(net, phase=kwargs.get("phase", "TEST"),
+                               stages=kwargs.get("stages", ()), level=kwargs.get("level"),
                                path=path if path is not None else "<net>",
-                               outputs=kwargs.get("outputs"))
+                               outputs=(outputs,) if isinstance(outputs, str) else outputs)
     try:
         _net.example_inputs(module, kwargs.get("input_shape"))
     except ValueError:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -95,7 +95,30 @@ def param_names(layer_type: str, count: int) -> tuple[str, ...]:
 # ----------------------------------------------------------------------------- text
 
 
-_UNKNOWN_FIELD = re.compile(r'has no field named "(\w+_param)"')
+#: The messages whose unknown ``*_param`` fields (a fork layer's parameters) are skipped.
+_LAYER_MESSAGES = frozenset({"caffe.LayerParameter", "caffe.V1LayerParameter"})
+
+
+class _LayerParamSkipper(text_format._Parser):  # noqa: SLF001 (protobuf's parser class)
+    """protobuf's text parser that skips an unknown ``*_param`` field of a layer (and all
+    its contents) and refuses every other unknown field, as the strict parser does: a typo
+    inside a known message (``strde: 2`` in ``convolution_param``) stays an error."""
+
+    def __init__(self) -> None:
+        super().__init__(allow_unknown_field=True)
+        self._skipping = 0
+
+    def _SkipFieldContents(self, tokenizer, field_name, immediate_message_type):  # noqa: N802
+        if not self._skipping and not (immediate_message_type in _LAYER_MESSAGES
+                                       and field_name.endswith("_param")):
+            raise tokenizer.ParseErrorPreviousToken(
+                f'Message type "{immediate_message_type}" has no field named '
+                f'"{field_name}".')
+        self._skipping += 1
+        try:
+            super()._SkipFieldContents(tokenizer, field_name, immediate_message_type)
+        finally:
+            self._skipping -= 1
 
 
 def parse_prototxt(text: str, path: PathLike = "<string>", *,
@@ -109,13 +132,7 @@ def parse_prototxt(text: str, path: PathLike = "<string>", *,
     """
     net = caffe_pb2.NetParameter()
     try:
-        try:
-            text_format.Parse(text, net)
-        except text_format.ParseError as e:
-            if not _UNKNOWN_FIELD.search(str(e)):
-                raise
-            net = caffe_pb2.NetParameter()
-            text_format.Parse(text, net, allow_unknown_field=True)
+        _LayerParamSkipper().ParseLines(text.split("\n"), net)
     except text_format.ParseError as e:
         raise _syntax_error(e, path, text) from None
     except RecursionError:
@@ -322,9 +339,20 @@ _V1_TRANSFORM_PARAMS = {"DATA": "data_param", "IMAGE_DATA": "image_data_param",
 # ----------------------------------------------------------------------------- phase
 
 
-def filter_net(net, phase: str = "TEST", stages: tuple[str, ...] = (), level: int = 0):
-    """Keep the layers whose include/exclude rules admit this state (Caffe's ``FilterNet``)."""
+def filter_net(net, phase: str = "TEST", stages: Sequence[str] | None = (),
+               level: int | None = None):
+    """Keep the layers whose include/exclude rules admit this NetState (Caffe's
+    ``FilterNet``): ``phase``; the net's own ``state { stage }`` plus ``stages`` (pycaffe's
+    ``Net(..., stages=)`` adds to the file's); ``level``, or the net's ``state { level }``
+    when None."""
+    if phase not in ("TRAIN", "TEST"):
+        raise CaffeFormatError(f"phase {phase!r} is not TRAIN or TEST", field="phase")
     phase_id = {"TRAIN": 0, "TEST": 1}[phase]
+    if isinstance(stages, str):
+        stages = (stages,)
+    stages = tuple(net.state.stage) + tuple(stages or ())
+    if level is None:
+        level = int(net.state.level)
 
     def meets(rule) -> bool:
         if rule.HasField("phase") and rule.phase != phase_id:

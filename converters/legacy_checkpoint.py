@@ -20,6 +20,7 @@ import numpy as np
 
 from .caffe_io import resolve_memory_budget
 from .errors import CaffeFormatError
+from .files import open_regular
 
 MAGIC = b"FCNJAX\x00\x02"
 FORMAT = "fcn-jax/2"
@@ -32,7 +33,7 @@ _DTYPES = {"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32
 def is_legacy_checkpoint(path: str | os.PathLike) -> bool:
     """Whether ``path`` starts with the ``fcn-jax/2`` magic."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             return f.read(len(MAGIC)) == MAGIC
     except OSError:
         return False
@@ -44,14 +45,14 @@ def load_legacy_checkpoint(path: str | os.PathLike, *, max_bytes: int | None = N
     memory budget) are refused unread."""
     limit = resolve_memory_budget(max_bytes)
     try:
-        size = os.stat(path).st_size
-        if size > limit:
-            raise CaffeFormatError(f"file of {size} bytes exceeds the limit of {limit}",
-                                   path=path)
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > limit:
+                raise CaffeFormatError(f"file of {size} bytes exceeds the limit of {limit}",
+                                       path=path)
             raw = f.read(limit + 1)
     except OSError as e:
-        raise CaffeFormatError(f"cannot read: {e.strerror}", path=path) from None
+        raise CaffeFormatError(f"cannot read: {e.strerror or e}", path=path) from None
     return parse_legacy_checkpoint(raw, path)
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from .caffe_io import MEMORY_BUDGET_ENV, format_prototxt, read_prototxt, resolve_memory_budget
 from .errors import CaffeFormatError
-from .files import atomic_write_bytes
+from .files import atomic_write_bytes, open_regular
 
 PathLike = str | os.PathLike
 Params = dict[str, dict[str, np.ndarray]]
@@ -33,7 +33,7 @@ _MAX_HEADER = 100_000_000
 
 def _sha256(path: PathLike) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
@@ -48,6 +48,13 @@ def save_safetensors(path: PathLike, params: Mapping[str, Mapping[str, Any]], ne
     ``metadata["prototxt"]``; ``source`` (the caffemodel converted) as its file name and
     ``metadata["source_sha256"]``. ``metadata`` adds string entries.
     """
+    atomic_write_bytes(path, safetensors_bytes(params, net, source=source, metadata=metadata))
+
+
+def safetensors_bytes(params: Mapping[str, Mapping[str, Any]], net: Any = None, *,
+                      source: PathLike | None = None,
+                      metadata: Mapping[str, str] | None = None) -> bytes:
+    """The bytes ``save_safetensors`` writes (to write them with other files as a group)."""
     from safetensors.numpy import save
 
     tensors: dict[str, np.ndarray] = {}
@@ -65,13 +72,13 @@ def save_safetensors(path: PathLike, params: Mapping[str, Mapping[str, Any]], ne
         meta["source"] = os.path.basename(os.fspath(source))
         meta["source_sha256"] = _sha256(source)
     meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
-    atomic_write_bytes(path, save(tensors, metadata=meta))
+    return save(tensors, metadata=meta)
 
 
 def is_safetensors(path: PathLike) -> bool:
     """Whether ``path`` starts like a safetensors file (8-byte header size, then ``{``)."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             head = f.read(9)
             size = os.fstat(f.fileno()).st_size
     except OSError:
@@ -86,9 +93,10 @@ def _open(path: PathLike, budget: int):
     from safetensors import SafetensorError, safe_open
 
     try:
-        size = os.stat(path).st_size
+        with open_regular(path) as f:  # a FIFO or device is refused before safe_open
+            size = os.fstat(f.fileno()).st_size
     except OSError as e:
-        raise CaffeFormatError(f"cannot read: {e.strerror}", path=path) from None
+        raise CaffeFormatError(f"cannot read: {e.strerror or e}", path=path) from None
     if size > budget:
         raise CaffeFormatError(f"file of {size} bytes exceeds the memory budget of {budget} "
                                f"bytes (set {MEMORY_BUDGET_ENV} to raise it)", path=path)
@@ -124,8 +132,11 @@ def load_safetensors(path: PathLike, *, memory_budget: int | None = None) -> Par
                                        field=repr(name))
             try:
                 arr = f.get_tensor(name)
-            except (SafetensorError, ValueError, TypeError) as e:
-                raise CaffeFormatError(f"unreadable tensor ({e})", path=path, layer=layer,
+            except (SafetensorError, ValueError, TypeError, AttributeError, KeyError) as e:
+                # AttributeError: a dtype NumPy lacks (F8_E4M3, ...) in safetensors.numpy
+                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise CaffeFormatError(f"unreadable tensor ({type(e).__name__}: {reason}); "
+                                       "Caffe weights are float32", path=path, layer=layer,
                                        field=blob) from None
             if arr.dtype.kind != "f":
                 raise CaffeFormatError(f"dtype {arr.dtype} is not a float", path=path,
@@ -134,5 +145,5 @@ def load_safetensors(path: PathLike, *, memory_budget: int | None = None) -> Par
     return params
 
 
-__all__ = ["FORMAT", "is_safetensors", "load_safetensors", "safetensors_metadata",
-           "save_safetensors"]
+__all__ = ["FORMAT", "is_safetensors", "load_safetensors", "safetensors_bytes",
+           "safetensors_metadata", "save_safetensors"]

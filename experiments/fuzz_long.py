@@ -12,6 +12,11 @@ Targets (each fed arbitrary bytes, seeded with the real reference files in tests
               a 3-frame 8000x8000 GIF bomb; pixel budget 2 Mpx)
   annotations fcn_jax.data.read_annotations (JSON lines; extreme numbers spliced in)
   npzname     fcn_jax.io_utils.save_blobs / load_blobs (arbitrary blob names, NUL, ../, %)
+  graph       random prototxt graphs from the input bytes (tests/fuzz_graphs.py: many
+              bottoms/tops, long chains, duplicate tops, NetState rules, unknown fields),
+              checked against what Caffe keeps and refuses
+  ckptdir     a training checkpoint folder with one file damaged (truncated, flipped,
+              emptied, deleted, bad or 100,000-deep JSON): exact params or one line
 
 A "crash" is any exception other than the documented one (CaffeFormatError, of which
 ImageError is one), a message that is not one line, or a result breaking the reader's
@@ -41,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
 RESULTS = ROOT / "results"
 TARGETS = ("caffemodel", "prototxt", "checkpoint", "mean", "npy", "image", "annotations",
-           "npzname")
+           "npzname", "graph", "ckptdir")
 
 
 # ----------------------------------------------------------------------------- seeds
@@ -100,6 +105,8 @@ def seeds(target: str) -> list[bytes]:
                  {"image": "c.png", "boxes": [[0, 0, 1e3, 2e3, 65535]]}]
         return ["\n".join(json.dumps(x) for x in lines[:k]).encode() + b"\n"
                 for k in (1, 2, 3)]
+    if target in ("graph", "ckptdir"):
+        return [bytes([i]) * 8 for i in range(8)]
     if target == "npzname":
         return [b"conv1\0conv1/relu\0inception_3a/1x1", b"a\0a%00\0../x\0/y\0\x1b[31m",
                 "é\0名前\0.\0..\0".encode(), b"file\0allow_pickle\0.npy\0a.npy"]
@@ -254,6 +261,10 @@ def make_target(target: str, scratch: Path):
                     names) or any(m.startswith(("/", "../")) or "/../" in m for m in members):
                 raise AssertionError(f"names {names!r} came back as {sorted(back)!r}")
         return fn
+    if target == "graph":
+        return _graph_target(expect_one_line)
+    if target == "ckptdir":
+        return _ckptdir_target(expect_one_line, scratch)
     if target == "npy":
         from converters.npy import load_npy, load_npz
 
@@ -267,6 +278,90 @@ def make_target(target: str, scratch: Path):
                 expect_one_line(e)
         return fn
     raise ValueError(target)
+
+
+def _seeded(data: bytes):
+    import random
+
+    return random.Random(int.from_bytes(hashlib.sha256(data).digest()[:8], "little"))
+
+
+def _graph_target(expect_one_line):
+    sys.path.insert(0, str(ROOT / "tests"))
+    import jax
+    import numpy as np
+    from fuzz_graphs import random_graph
+
+    import converters
+    from converters import CaffeFormatError
+    from fcn_jax import layer_table
+
+    def fn(data: bytes) -> None:
+        g = random_graph(_seeded(data), layer_table.MAX_LAYERS)
+        try:
+            net = converters.parse_prototxt(g.text)
+            layers = layer_table.compile_net(net, stages=g.stages, level=g.level)
+        except CaffeFormatError as e:
+            expect_one_line(e)
+            msg = str(e)
+            want = (g.unknown_field if g.unknown_field else "more than the"
+                    if g.too_many_layers else "produced by multiple sources"
+                    if g.duplicate is not None else None)
+            if want is not None and want not in msg:
+                raise AssertionError(f"expected {want!r} in {msg!r}") from None
+            if want is None and ("multiple sources" in msg or "has no field" in msg):
+                raise AssertionError(f"wrongly refused: {msg}") from None
+            return
+        if g.unknown_field or g.duplicate is not None or g.too_many_layers:
+            raise AssertionError(f"accepted what Caffe refuses: {g}")
+        if sorted(s.name for s in layers) != sorted(g.kept):
+            raise AssertionError(f"kept {[s.name for s in layers]}, Caffe keeps {g.kept}")
+        if len(layers) <= 40:
+            try:
+                module, params = converters.load_caffe(net, stages=g.stages, level=g.level)
+                jax.eval_shape(lambda p, x: module.apply({"params": p}, x), params,
+                               jax.ShapeDtypeStruct((1, 4, 3, 3), np.float32))
+            except CaffeFormatError as e:
+                expect_one_line(e)
+    return fn
+
+
+def _ckptdir_target(expect_one_line, scratch: Path):
+    import shutil
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from fuzz_graphs import damage_checkpoint
+
+    import converters
+    from converters import CaffeFormatError
+    from fcn_jax import train as T
+
+    proto = scratch / "t.prototxt"
+    proto.write_text(
+        'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 '
+        'dim: 3 } } }\nlayer { name: "fc" type: "InnerProduct" bottom: "data" top: "fc" '
+        'inner_product_param { num_output: 8 weight_filler { type: "gaussian" std: 1 } } }')
+    module, params = converters.load_caffe(proto, seed=2)
+    state = T.create_train_state(module, params, optax.adam(0.1))
+    src = scratch / "ck"
+    T.save_train_state(src, state.replace(step=jnp.int32(5)), {"train_loss": [0.5]}, keep=1)
+
+    def fn(data: bytes) -> None:
+        dst = scratch / "damaged"
+        shutil.rmtree(dst, ignore_errors=True)
+        how = damage_checkpoint(src, dst, _seeded(data))
+        try:
+            restored, _ = T.restore_train_state(dst, state)
+        except CaffeFormatError as e:
+            expect_one_line(e)
+            return
+        for k, v in state.params["fc"].items():
+            if not np.array_equal(np.asarray(restored.params["fc"][k]), np.asarray(v)):
+                raise AssertionError(f"resumed with changed weights after {how}")
+    return fn
 
 
 class Recorder:

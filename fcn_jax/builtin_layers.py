@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from converters import CaffeFormatError, UnsupportedLayerError
 
@@ -127,17 +128,35 @@ for _t in ("Input", "Data", "ImageData", "HDF5Data", "MemoryData", "WindowData",
 # ----------------------------------------------------------------------------- convolution
 
 
+def _conv_pair(p, what: str, default: int, name: str) -> tuple[int, int]:
+    """base_conv_layer.cpp's rule for one of kernel/stride/pad: ``*_h``/``*_w`` (either
+    alone: the other is its proto default, 0) and then no repeated values, else 1 or 2
+    repeated values, else ``default``."""
+    values = list(getattr(p, "kernel_size" if what == "kernel" else what))
+    has_h, has_w = p.HasField(f"{what}_h"), p.HasField(f"{what}_w")
+    if has_h or has_w:
+        if values:
+            field = "kernel_size" if what == "kernel" else what
+            raise CaffeFormatError(f"either {field} or {what}_h/w should be specified; not "
+                                   "both", layer=name, field=field)
+        return int(getattr(p, f"{what}_h")), int(getattr(p, f"{what}_w"))
+    return read_pair(values, 0, 0, default, False, False, what, name)
+
+
 def read_kernel_geometry(p, name: str) -> dict:
     """Kernel, pad, stride and dilation of a ``ConvolutionParameter`` (Caffe's rules and
-    defaults), checked: positive kernel, stride and dilation."""
-    kernel = read_pair(list(p.kernel_size), p.kernel_h, p.kernel_w, 0, p.HasField("kernel_h"),
-                       p.HasField("kernel_w"), "kernel", name)
+    defaults, ``base_conv_layer.cpp``), checked: positive kernel, stride and dilation."""
+    kernel = _conv_pair(p, "kernel", 0, name)
     if min(kernel) <= 0:
-        raise CaffeFormatError("kernel size must be positive", layer=name, field="kernel_size")
-    pad = read_pair(list(p.pad), p.pad_h, p.pad_w, 0, p.HasField("pad_h"), p.HasField("pad_w"),
-                    "pad", name)
-    stride = read_pair(list(p.stride), p.stride_h, p.stride_w, 1, p.HasField("stride_h"),
-                       p.HasField("stride_w"), "stride", name)
+        raise CaffeFormatError(f"filter dimensions must be nonzero, got {kernel}", layer=name,
+                               field="kernel_size")
+    pad = _conv_pair(p, "pad", 0, name)
+    stride = _conv_pair(p, "stride", 1, name)
+    if min(stride) <= 0 and (p.HasField("stride_h") or p.HasField("stride_w")):
+        raise CaffeFormatError(f"stride {stride}: stride_h and stride_w are both needed "
+                               "(Caffe reads the missing one as 0 and divides by it)",
+                               layer=name, field="stride_w" if p.HasField("stride_h")
+                               else "stride_h")
     dilation = read_pair(list(p.dilation), 0, 0, 1, False, False, "dilation", name)
     if min(stride) <= 0 or min(dilation) <= 0:
         raise CaffeFormatError("stride and dilation must be positive", layer=name,
@@ -148,8 +167,9 @@ def read_kernel_geometry(p, name: str) -> dict:
 def _read_conv(lp) -> dict:
     p = lp.convolution_param
     name = lp.name
-    if p.axis != 1:
-        raise CaffeFormatError("only axis 1 is supported", layer=name, field="axis")
+    if p.axis not in (1, -3):  # the channel axis of a 4-D blob (checked with the shapes)
+        raise CaffeFormatError(f"axis {p.axis}: only the channel axis (1) is supported",
+                               layer=name, field="axis")
     geometry = read_kernel_geometry(p, name)
     if p.num_output <= 0:
         raise CaffeFormatError("num_output must be positive", layer=name, field="num_output")
@@ -157,6 +177,7 @@ def _read_conv(lp) -> dict:
         raise CaffeFormatError(f"num_output {p.num_output} is not divisible by group "
                                f"{p.group}", layer=name, field="group")
     return {"num_output": int(p.num_output), "bias_term": bool(p.bias_term), **geometry,
+            "axis": int(p.axis),
             "group": int(p.group), "weight_filler": filler_of(p.weight_filler),
             "bias_filler": filler_of(p.bias_filler)}
 
@@ -187,6 +208,7 @@ def conv_sizes(spec: LayerSpec, hw: Sequence[Any]) -> tuple:
 def _conv_shapes(spec: LayerSpec, shapes: list[Shape]) -> list[Shape]:
     x = shapes[0]
     need_4d(spec, x)
+    _axis(spec.cfg.get("axis", 1), len(x), spec.name)
     hw = conv_sizes(spec, x[2:])
     if min(hw) <= 0:
         raise CaffeFormatError(f"output size {hw} is not positive for bottom {x}",
@@ -296,18 +318,34 @@ def _read_pool(lp) -> dict:
         raise UnsupportedLayerError("STOCHASTIC pooling is not supported", layer=name,
                                     field="pool")
     glob = bool(p.global_pooling)
+    has = p.HasField
+    # pooling_layer.cpp LayerSetUp's checks, in its order and with its words
+    if glob and (has("kernel_size") or has("kernel_h") or has("kernel_w")):
+        raise CaffeFormatError("with global_pooling: true filter size cannot be specified",
+                               layer=name, field="kernel_size")
+    if not glob:
+        if has("kernel_size") == (has("kernel_h") and has("kernel_w")):
+            raise CaffeFormatError("filter size is kernel_size OR kernel_h and kernel_w; "
+                                   "not both" if has("kernel_size") else "for non-square "
+                                   "filters both kernel_h and kernel_w are required",
+                                   layer=name, field="kernel_size")
+    for what in ("pad", "stride"):
+        if not ((not has(what) and has(f"{what}_h") and has(f"{what}_w"))
+                or (not has(f"{what}_h") and not has(f"{what}_w"))):
+            raise CaffeFormatError(f"{what} is {what} OR {what}_h and {what}_w are required",
+                                   layer=name, field=what)
     kernel = (0, 0)
     if not glob:
-        kernel = read_pair([p.kernel_size] if p.HasField("kernel_size") else [], p.kernel_h,
-                           p.kernel_w, 0, p.HasField("kernel_h"), p.HasField("kernel_w"), "kernel",
-                           name)
+        kernel = ((int(p.kernel_size),) * 2 if has("kernel_size")
+                  else (int(p.kernel_h), int(p.kernel_w)))
         if min(kernel) <= 0:
             raise CaffeFormatError("kernel size must be positive", layer=name,
                                    field="kernel_size")
-    pad = read_pair([p.pad], p.pad_h, p.pad_w, 0, p.HasField("pad_h"), p.HasField("pad_w"), "pad",
-                    name)
-    stride = read_pair([p.stride], p.stride_h, p.stride_w, 1, p.HasField("stride_h"),
-                       p.HasField("stride_w"), "stride", name)
+    pad = (int(p.pad_h), int(p.pad_w)) if has("pad_h") else (int(p.pad),) * 2
+    stride = (int(p.stride_h), int(p.stride_w)) if has("stride_h") else (int(p.stride),) * 2
+    if glob and (pad != (0, 0) or stride != (1, 1)):
+        raise CaffeFormatError("with global_pooling: true only pad = 0 and stride = 1",
+                               layer=name, field="pad" if pad != (0, 0) else "stride")
     if min(stride) <= 0:
         raise CaffeFormatError("stride must be positive", layer=name, field="stride")
     if not glob and (pad[0] >= kernel[0] or pad[1] >= kernel[1]):
@@ -417,10 +455,10 @@ def _lrn_shapes(spec: LayerSpec, shapes: list[Shape]) -> list[Shape]:
 
 def _lrn_workspace(spec: LayerSpec, shapes: list[Shape], tops: list[Shape]) -> int:
     n, ch, h, w = shapes[0]
-    pad = spec.cfg["local_size"] - 1
+    pad = spec.cfg["local_size"] - 1  # the windows are clipped to the blob (2 * size - 1)
     if spec.cfg["norm_region"] == "ACROSS_CHANNELS":  # wide windows pad inside reduce_window
-        return n * (ch + min(pad, N.WINDOW_SLICES_MAX)) * h * w
-    return n * ch * (h + pad) * (w + pad)
+        return n * (ch + min(pad, 2 * (ch - 1), N.WINDOW_SLICES_MAX)) * h * w
+    return n * ch * (h + min(pad, 2 * (h - 1))) * (w + min(pad, 2 * (w - 1)))
 
 
 add_builtin(name="LRN", read=_read_lrn, out_shapes=_lrn_shapes, forward=_lrn,
@@ -460,13 +498,26 @@ _elementwise("Power", lambda lp: {"power": float(lp.power_param.power),
              lambda x, c: L.power(x, c["power"], c["scale"], c["shift"]))
 _elementwise("ELU", lambda lp: {"alpha": float(lp.elu_param.alpha)},
              lambda x, c: L.elu(x, c["alpha"]))
-_elementwise("Exp", lambda lp: {"base": float(lp.exp_param.base),
-                                "scale": float(lp.exp_param.scale),
-                                "shift": float(lp.exp_param.shift)},
+def _read_base(lp, field: str, refuse_one: bool) -> dict:
+    """exp_layer.cpp / log_layer.cpp LayerSetUp: ``log(base)`` (and for Log ``1/log(base)``)
+    must be finite, else Caffe's CHECK stops; refused here naming the field."""
+    p = getattr(lp, field)
+    base = float(p.base)
+    if base != -1.0:
+        with np.errstate(all="ignore"):
+            log_base = np.log(np.float32(base))
+            bad = not np.isfinite(log_base) or (refuse_one and not np.isfinite(
+                np.float32(1) / log_base))
+        if bad:
+            what = "1 / log(base)" if np.isfinite(log_base) else "log(base)"
+            raise CaffeFormatError(f"base {base}: {what} is not finite (Caffe refuses it)",
+                                   layer=lp.name, field=f"{field}.base")
+    return {"base": base, "scale": float(p.scale), "shift": float(p.shift)}
+
+
+_elementwise("Exp", lambda lp: _read_base(lp, "exp_param", False),
              lambda x, c: L.exp(x, c["base"], c["scale"], c["shift"]))
-_elementwise("Log", lambda lp: {"base": float(lp.log_param.base),
-                                "scale": float(lp.log_param.scale),
-                                "shift": float(lp.log_param.shift)},
+_elementwise("Log", lambda lp: _read_base(lp, "log_param", True),
              lambda x, c: L.log(x, c["base"], c["scale"], c["shift"]))
 _elementwise("Threshold", lambda lp: {"threshold": float(lp.threshold_param.threshold)},
              lambda x, c: L.threshold(x, c["threshold"]))

@@ -13,6 +13,7 @@ final blobs (tops no other layer reads), or ``outputs=``.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -95,13 +96,22 @@ def save_exported(path: PathLike, exported: jax.export.Exported) -> None:
 
 def load_exported(path: PathLike) -> jax.export.Exported:
     """``jax.export.deserialize`` of a file (what a service does without this library)."""
-    with open(path, "rb") as f:
-        data = f.read()
+    from converters.files import open_regular
+
+    try:
+        with open_regular(path) as f:
+            data = f.read()
+    except OSError as e:
+        raise CaffeFormatError(f"cannot read: {e.strerror or e}", path=path) from None
     try:
         return jax.export.deserialize(bytearray(data))
     except Exception as e:  # flatbuffers raise assorted errors on foreign bytes
         raise CaffeFormatError(f"not a jax.export artifact ({type(e).__name__})",
                                path=path) from None
+
+
+def _write_all(data: bytes, f: Any) -> None:
+    f.write(memoryview(data))
 
 
 def export_net(prototxt: PathLike, weights: PathLike | None, path: PathLike, *,
@@ -110,8 +120,17 @@ def export_net(prototxt: PathLike, weights: PathLike | None, path: PathLike, *,
                platforms: Sequence[str] | None = None) -> jax.export.Exported:
     """Export a Caffe net (prototxt + caffemodel/safetensors) to ``path``. ``weights_path``:
     the weights go to that safetensors file instead of into the program."""
+    from converters.files import atomic_write_group
+    from converters.safetensors_io import safetensors_bytes
+
+    from .io_utils import prepare_output
     from .net import build_module, example_inputs
 
+    # every output checked against every input before anything is read or written
+    sources = [prototxt, weights if isinstance(weights, (str, os.PathLike)) else None]
+    prepare_output(path, sources, create=False)
+    if weights_path is not None:
+        prepare_output(weights_path, [*sources, path], create=False)
     net = converters.read_prototxt(prototxt)
     module = build_module(net, path=prototxt)
     if len(module.inputs) != 1:
@@ -140,7 +159,9 @@ def export_net(prototxt: PathLike, weights: PathLike | None, path: PathLike, *,
     except (ValueError, TypeError) as e:
         raise CaffeFormatError(f"the forward cannot be exported for input {shape}: {e}",
                                path=prototxt) from None
-    if weights_path is not None:
-        converters.save_safetensors(weights_path, params, net)
-    save_exported(path, exported)
+    files = [(prepare_output(path, sources), exported.serialize())]
+    if weights_path is not None:  # the program and its weights: all new or all old
+        files.insert(0, (prepare_output(weights_path, sources),
+                         safetensors_bytes(params, net)))
+    atomic_write_group([(p, functools.partial(_write_all, data)) for p, data in files])
     return exported

@@ -159,8 +159,12 @@ def _read_prior_box(lp) -> dict:
     name = lp.name
     if not p.min_size:
         raise _err(name, "must provide min_size", "prior_box_param.min_size")
-    if any(m <= 0 for m in p.min_size):
+    if any(not m > 0 for m in p.min_size):
         raise _err(name, "min_size must be positive", "prior_box_param.min_size")
+    for what in ("min_size", "max_size", "aspect_ratio"):  # Caffe's int() of inf is undefined
+        if any(not math.isfinite(v) or v <= 0 for v in getattr(p, what)):
+            raise _err(name, f"{what} {list(getattr(p, what))} must be positive and finite",
+                       f"prior_box_param.{what}")
     ratios = [1.0]
     for ar in p.aspect_ratio:
         if not any(abs(ar - r) < 1e-6 for r in ratios):
@@ -316,7 +320,7 @@ def _det_sizes(spec: LayerSpec, shapes: list[Shape]) -> tuple[int, int, int]:
         raise _err(spec, f"confidences {shapes[1]} do not hold {priors} priors x {ncls} "
                    "classes", "bottom")
     k = priors if c["top_k"] < 0 else min(c["top_k"], priors)
-    fg = sum(1 for i in range(ncls) if i != c["background_label_id"])
+    fg = ncls - (1 if 0 <= c["background_label_id"] < ncls else 0)
     rows = fg * k if c["keep_top_k"] < 0 else min(c["keep_top_k"], fg * k)
     return priors, k, max(rows, 1)
 
@@ -403,7 +407,9 @@ def detection_output(loc: Any, conf: Any, prior: Any, cfg: Mapping[str, Any]
     conf = conf.reshape(num, priors, ncls)
     pbox = prior[0, 0].reshape(priors, 4)
     pvar = prior[0, 1].reshape(priors, 4)
-    fg = [i for i in range(ncls) if i != c["background_label_id"]]
+    bg = c["background_label_id"]
+    fg = np.delete(np.arange(ncls, dtype=np.int32), [bg] if 0 <= bg < ncls else [])
+    labels = jnp.asarray(fg)
     k = priors if c["top_k"] < 0 else min(c["top_k"], priors)
     rows = len(fg) * k if c["keep_top_k"] < 0 else min(c["keep_top_k"], len(fg) * k)
     rows = max(rows, 1)
@@ -412,17 +418,18 @@ def detection_output(loc: Any, conf: Any, prior: Any, cfg: Mapping[str, Any]
     def one_image(img, loc_i, conf_i):
         boxes = decode_boxes(pbox, pvar, jnp.moveaxis(loc_i, 1, 0), c["code_type"],
                              c["variance_encoded_in_target"])  # (loc_classes, P, 4)
-        idx, sc, kept, lab = [], [], [], []
-        for label in fg:
-            b = boxes[0 if c["share_location"] else label]
-            o, s, kp = nms_fast(b, conf_i[:, label], score_threshold=c["confidence_threshold"],
-                                nms_threshold=c["nms_threshold"], eta=c["eta"],
-                                top_k=c["top_k"])
-            idx.append(o)
-            sc.append(s)
-            kept.append(kp)
-            lab.append(jnp.full((k,), label, jnp.int32))
-        idx, sc, kept, lab = (jnp.concatenate(v) for v in (idx, sc, kept, lab))
+        # one NMS vmapped over the classes: the graph does not grow with num_classes
+        def nms(b, s):
+            return nms_fast(b, s, score_threshold=c["confidence_threshold"],
+                            nms_threshold=c["nms_threshold"], eta=c["eta"], top_k=c["top_k"])
+
+        scores = jnp.take(conf_i, labels, axis=1).T  # (F, P)
+        if c["share_location"]:
+            o, s, kp = jax.vmap(nms, in_axes=(None, 0))(boxes[0], scores)
+        else:
+            o, s, kp = jax.vmap(nms)(jnp.take(boxes, labels, axis=0), scores)
+        idx, sc, kept = o.reshape(-1), s.reshape(-1), kp.reshape(-1)
+        lab = jnp.repeat(labels, k)
         pos = jnp.tile(jnp.arange(k, dtype=jnp.int32), len(fg))
         # keep_top_k: the best `rows` kept detections over all classes (ties: first found)
         rank = jnp.argsort(-jnp.where(kept, sc, -jnp.inf), stable=True)[:rows]
@@ -596,6 +603,9 @@ def _interp_out(spec: LayerSpec, shapes: list[Shape]) -> tuple[int, int]:
     """interp_layer.cpp ``Reshape``: the output (H, W)."""
     c = spec.cfg
     need_4d(spec, shapes[0])
+    if (c["zoom"] is not None and c["zoom"] < 1) or (c["shrink"] is not None
+                                                     and c["shrink"] < 1):
+        raise _err(spec, "zoom_factor and shrink_factor must be positive", "interp_param")
     eff = tuple(v + c["pad_beg"] + c["pad_end"] for v in shapes[0][2:])
     given = c["zoom"] is not None or c["shrink"] is not None or c["height"] is not None \
         or c["width"] is not None

@@ -128,7 +128,9 @@ def save_blobs(path: PathLike, blobs: Mapping[str, Any]) -> int:
                     np.lib.format.write_array(m, arr, allow_pickle=False)
 
     atomic_write(path, write, mode="wb")
-    with zipfile.ZipFile(path) as z:
+    from converters.files import open_regular
+
+    with open_regular(path) as raw, zipfile.ZipFile(raw) as z:
         written = len(z.namelist())
     if written != len(blobs):
         raise OSError(f"{path}: the archive holds {written} members for {len(blobs)} blobs")

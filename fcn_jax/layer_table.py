@@ -143,6 +143,8 @@ class LayerType:
 #: Every known layer type by Caffe type name. Filled by ``fcn_jax.builtin_layers`` at import
 #: and by :func:`register_layer`.
 LAYER_TYPES: dict[str, LayerType] = {}
+#: The built-in records a user's ``replace=True`` shadows, put back by ``remove_layer_type``.
+_SHADOWED: dict[str, LayerType] = {}
 
 
 def add_layer_type(record: LayerType, *, replace: bool = False) -> LayerType:
@@ -153,16 +155,21 @@ def add_layer_type(record: LayerType, *, replace: bool = False) -> LayerType:
     if old is not None and not replace:
         raise ValueError(f"layer type {record.name!r} is already registered "
                          f"({'built in' if old.builtin else 'by the user'}): pass replace=True")
+    if old is not None and old.builtin and not record.builtin:
+        _SHADOWED[record.name] = old
     LAYER_TYPES[record.name] = record
     return record
 
 
 def remove_layer_type(type_name: str) -> None:
-    """Take a user-registered type out of the table (built-in types stay)."""
+    """Take a user-registered type out of the table (built-in types stay): a user's
+    replacement of a built-in type gives the built-in record back."""
     rec = LAYER_TYPES.get(type_name)
     if rec is not None and rec.builtin:
         raise ValueError(f"{type_name!r} is a built-in layer type")
     LAYER_TYPES.pop(type_name, None)
+    if type_name in _SHADOWED:
+        LAYER_TYPES[type_name] = _SHADOWED.pop(type_name)
 
 
 def register_layer(type_name: str, *, param_shapes: Callable | None = None,
@@ -318,16 +325,68 @@ def spec_of(lp, *, path: PathLike | None = None) -> LayerSpec:
                      message=bare.SerializeToString(deterministic=True))
 
 
+#: Most layers a net may have: XLA's compile time grows faster than the depth (2,000
+#: in-place TanH layers take about a minute to compile), so deeper nets are refused in one
+#: line rather than left compiling (the largest model-zoo nets have about 1,500).
+MAX_LAYERS = 2048
+#: Most bottoms or tops one layer may name (Caffe's widest real layers have a few hundred;
+#: XLA:CPU compiles a program with 1,000 outputs in about a minute).
+MAX_LAYER_BLOBS = 1024
+#: Most bottom and top references in the whole net (bounds the graph that is traced).
+MAX_GRAPH_EDGES = 1 << 15
+
+
+def check_graph_size(layers: Sequence, path: PathLike | None = None) -> None:
+    """Refuse a net past ``MAX_LAYERS`` layers, ``MAX_LAYER_BLOBS`` bottoms or tops in one
+    layer, or ``MAX_GRAPH_EDGES`` in all, in one line naming the layer and the limit."""
+    if len(layers) > MAX_LAYERS:
+        raise CaffeFormatError(f"{len(layers)} layers, more than the {MAX_LAYERS} fcn-jax "
+                               "builds (compile time grows faster than the depth)",
+                               path=path, field="layer")
+    edges = 0
+    for lp in layers:
+        for what, n in (("bottom", len(lp.bottom)), ("top", len(lp.top))):
+            if n > MAX_LAYER_BLOBS:
+                raise CaffeFormatError(f"{n} {what} blobs, more than the {MAX_LAYER_BLOBS} "
+                                       "one layer may have", path=path, layer=lp.name,
+                                       field=what)
+            edges += n
+        if edges > MAX_GRAPH_EDGES:
+            raise CaffeFormatError(f"more than {MAX_GRAPH_EDGES} bottom and top blobs in all, "
+                                   "past what fcn-jax builds", path=path, layer=lp.name,
+                                   field="bottom")
+
+
+def check_producers(layers: Sequence, path: PathLike | None = None) -> None:
+    """Caffe's ``AppendTop`` rule: a blob has one producer; a layer may only rewrite a blob
+    in place (top ``i`` named as its bottom ``i``). Else "produced by multiple sources"."""
+    produced: set[str] = set()
+    for lp in layers:
+        for i, t in enumerate(lp.top):
+            in_place = i < len(lp.bottom) and lp.bottom[i] == t
+            if t in produced and not in_place:
+                raise CaffeFormatError(f"top blob {t!r} produced by multiple sources",
+                                       path=path, layer=lp.name, field="top")
+            produced.add(t)
+
+
 def compile_net(net, *, phase: str = "TEST", path: PathLike = "<net>",
-                outputs: Sequence[str] | None = None) -> tuple[LayerSpec, ...]:
+                outputs: Sequence[str] | None = None, stages: Sequence[str] | None = (),
+                level: int | None = None) -> tuple[LayerSpec, ...]:
     """A NetParameter as ``LayerSpec``s in a valid execution order.
 
-    Honours include/exclude rules for ``phase``; duplicate layer names, undefined bottoms,
-    cycles, wrong bottom/top counts and unsupported types raise ``CaffeFormatError`` naming
-    the layer. ``outputs``: keep only the layers these blobs need (an unsupported layer
-    elsewhere is never read), like pycaffe's ``forward(end=...)``."""
-    net = filter_net(net, phase=phase)
+    Honours include/exclude rules for the NetState (``phase``, the net's ``state`` stages
+    plus ``stages``, ``level`` or the net's own); duplicate layer names, blobs with two
+    producers, undefined bottoms, cycles, wrong bottom/top counts, graphs past the size
+    limits and unsupported types raise ``CaffeFormatError`` naming the layer. ``outputs``:
+    keep only the layers these blobs need (an unsupported layer elsewhere is never read),
+    like pycaffe's ``forward(end=...)``."""
+    try:
+        net = filter_net(net, phase=phase, stages=stages, level=level)
+    except CaffeFormatError as e:
+        raise e.with_context(path=path) from None
     layers = list(net.layer)
+    check_graph_size(layers, path)
     seen: set[str] = set()
     for lp in layers:
         if not lp.name:
@@ -336,6 +395,7 @@ def compile_net(net, *, phase: str = "TEST", path: PathLike = "<net>",
             raise CaffeFormatError("duplicate layer name", path=path, layer=lp.name,
                                    field="name")
         seen.add(lp.name)
+    check_producers(layers, path)
     ordered = topo_order(layers, lambda lp: lp.bottom, lambda lp: lp.top, lambda lp: lp.name,
                          path=path)
     if outputs is not None:

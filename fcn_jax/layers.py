@@ -444,13 +444,23 @@ def lrn(
     region = norm_region.upper()
     sq = x * x
     if region == "ACROSS_CHANNELS":
-        window = (1, local_size) + (1,) * (x.ndim - 2)
-        padding = ((0, 0), (pre_pad, pre_pad)) + ((0, 0),) * (x.ndim - 2)
+        # a window wider than the channels sums them all: clipped to 2C - 1 (same sums)
+        pre = min(pre_pad, max(x.shape[1] - 1, 0))
+        window = (1, 2 * pre + 1) + (1,) * (x.ndim - 2)
+        padding = ((0, 0), (pre, pre)) + ((0, 0),) * (x.ndim - 2)
         sums = lax.reduce_window(sq, 0.0, lax.add, window, (1,) * x.ndim, padding)
         scale_ = k + (alpha / local_size) * sums
         return x * jnp.power(scale_, -beta)
     if region == "WITHIN_CHANNEL":
-        pooled = pooling(sq, method="AVE", kernel=local_size, stride=1, pad=pre_pad)
+        # the window clipped to the blob (2H - 1, 2W - 1: the same sums); Caffe's divisor
+        # stays local_size^2 (the padded window always fits)
+        ph, pw = (min(pre_pad, max(d - 1, 0)) for d in x.shape[2:4])
+        if ph == pw == pre_pad:
+            pooled = pooling(sq, method="AVE", kernel=local_size, stride=1, pad=pre_pad)
+            return x * power(pooled, power=-beta, scale=alpha, shift=1.0)
+        sums = lax.reduce_window(sq, 0.0, lax.add, (1, 1, 2 * ph + 1, 2 * pw + 1),
+                                 (1, 1, 1, 1), ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+        pooled = sums / jnp.asarray(float(local_size) * float(local_size), sq.dtype)
         return x * power(pooled, power=-beta, scale=alpha, shift=1.0)
     raise ValueError(f"unknown LRN norm_region {norm_region!r}")
 
@@ -584,8 +594,9 @@ def power(x: Array, power: float = 1.0, scale: float = 1.0, shift: float = 0.0) 
     As in Caffe, ``power * scale == 0`` gives the constant ``1`` (power 0) or ``shift^power``.
     """
     x = jnp.asarray(x)
-    if power * scale == 0:
-        value = 1.0 if power == 0 else float(shift) ** power
+    if power * scale == 0:  # Caffe's float pow: NaN for a negative base, inf past the range
+        with np.errstate(all="ignore"):
+            value = 1.0 if power == 0 else float(np.power(np.float32(shift), np.float32(power)))
         return jnp.full_like(x, value)
     y = x
     if scale != 1:
@@ -615,7 +626,9 @@ def exp(x: Array, base: float = -1.0, scale: float = 1.0, shift: float = 0.0) ->
         raise ValueError(f"Exp base must be positive (or -1 for e), got {base}")
     log_base = 1.0 if base == -1.0 else math.log(base)
     inner = log_base * scale
-    outer = 1.0 if shift == 0 else (math.exp(shift) if base == -1.0 else base**shift)
+    with np.errstate(all="ignore"):  # Caffe's float pow/exp: inf past the range
+        outer = 1.0 if shift == 0 else float(np.exp(np.float32(shift)) if base == -1.0
+                                             else np.power(np.float32(base), np.float32(shift)))
     y = jnp.exp(x if inner == 1 else x * jnp.asarray(inner, x.dtype))
     return y if outer == 1 else y * jnp.asarray(outer, x.dtype)
 
@@ -623,8 +636,8 @@ def exp(x: Array, base: float = -1.0, scale: float = 1.0, shift: float = 0.0) ->
 def log(x: Array, base: float = -1.0, scale: float = 1.0, shift: float = 0.0) -> Array:
     """Caffe ``Log``: ``y = log_base(shift + scale * x)``; ``base = -1`` (default) means ``e``."""
     x = jnp.asarray(x)
-    if base != -1.0 and base <= 0:
-        raise ValueError(f"Log base must be positive (or -1 for e), got {base}")
+    if base != -1.0 and (base <= 0 or base == 1):
+        raise ValueError(f"Log base must be positive and not 1 (or -1 for e), got {base}")
     y = x
     if scale != 1:
         y = y * jnp.asarray(scale, x.dtype)
@@ -656,6 +669,11 @@ def softmax(x: Array, axis: int = 1) -> Array:
 # --------------------------------------------------------------------------------------------
 
 
+#: Up to this many bottoms ``eltwise`` reduces in Caffe's order, one after the other;
+#: beyond, as a pairwise tree (log depth).
+ELTWISE_CHAIN_MAX = 16
+
+
 def eltwise(
     xs: Sequence[Array], operation: str = "SUM", coeff: Sequence[float] | None = None
 ) -> Array:
@@ -666,11 +684,26 @@ def eltwise(
     if len(xs) < 2:
         raise ValueError("Eltwise needs at least two bottoms")
     op = operation.upper()
+    if op not in ("SUM", "PROD", "MAX"):
+        raise ValueError(f"unknown Eltwise operation {operation!r}")
+    if coeff and op != "SUM":
+        raise ValueError("Eltwise coefficients only apply to SUM")
+    if coeff and len(coeff) != len(xs):
+        raise ValueError("Eltwise SUM needs one coefficient per bottom")
+    if len(xs) > ELTWISE_CHAIN_MAX:
+        # a pairwise tree, log2(n) deep: a chain of 30,000 adds overflows XLA's stack and
+        # compiles super-linearly, one stack of them compiles slowly (not Caffe's order)
+        if op == "SUM" and coeff:
+            xs = [v if c == 1 else v * jnp.asarray(c, v.dtype)
+                  for c, v in zip(coeff, xs, strict=True)]
+        fn = {"SUM": jnp.add, "PROD": jnp.multiply, "MAX": jnp.maximum}[op]
+        while len(xs) > 1:
+            xs = [fn(xs[i], xs[i + 1]) if i + 1 < len(xs) else xs[i]
+                  for i in range(0, len(xs), 2)]
+        return xs[0]
     if op == "SUM":
         if coeff is None or len(coeff) == 0:
             coeff = [1.0] * len(xs)
-        if len(coeff) != len(xs):
-            raise ValueError("Eltwise SUM needs one coefficient per bottom")
         out = None
         for c, v in zip(coeff, xs, strict=True):
             term = v if c == 1 else v * jnp.asarray(c, v.dtype)
@@ -712,9 +745,13 @@ def slice_blob(
             raise ValueError(f"cannot split size {n} evenly into {num_tops} tops")
         step = n // num_tops
         bounds = [i * step for i in range(num_tops + 1)]
-    return [
-        lax.slice_in_dim(x, b0, b1, axis=axis) for b0, b1 in zip(bounds, bounds[1:], strict=False)
-    ]
+    pairs = list(zip(bounds, bounds[1:], strict=False))
+    if len(pairs) <= 64:
+        return [lax.slice_in_dim(x, b0, b1, axis=axis) for b0, b1 in pairs]
+    # many tops: the start as an array, so that op-by-op dispatch compiles one slice per
+    # distinct size, not one per top (5,000 compiles took 50 s and 4.6 GB)
+    return [lax.dynamic_slice_in_dim(x, jnp.asarray(b0, jnp.int32), b1 - b0, axis=axis)
+            for b0, b1 in pairs]
 
 
 def flatten(x: Array, axis: int = 1, end_axis: int = -1) -> Array:

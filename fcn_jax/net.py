@@ -171,6 +171,56 @@ def run_graph(layers: Sequence[LayerSpec], get_params: Callable[[LayerSpec, list
     return {k: blobs[k].nchw() for k in names}, {k: valids.get(k) for k in names}
 
 
+def _any_batch(shape: Sequence[int]) -> str:
+    return "(" + ", ".join(["N"] + [str(int(d)) for d in shape[1:]]) + ")"
+
+
+def check_inputs(layers: Sequence[LayerSpec], blobs: Mapping[str, Array],
+                 declared: Mapping[str, tuple[int, ...] | None],
+                 params: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+    """Before anything is traced: every input real (a single input a float array), not
+    empty, and, where its shape
+    differs from the prototxt's, one the net's layers (and ``params``) take; else one line,
+    ``input 'data' of shape (1, 48, 48, 3) does not fit the net, which takes (N, 3, 48,
+    48) (at this input, layer 'fc6': ...)``."""
+    for name, x in blobs.items():
+        shape = tuple(x.shape)
+        # an integer array is refused as a single-input net's image (a raw uint8 image);
+        # beside other inputs it may be a label blob
+        kind = np.dtype(x.dtype).kind
+        if kind in "bc" or (kind in "iu" and len(blobs) == 1):
+            raise CaffeFormatError(f"input {name!r} is {x.dtype}: the net takes float arrays "
+                                   "(Caffe's blobs are float; convert and preprocess first)",
+                                   field="inputs")
+        if any(isinstance(d, int) and d == 0 for d in shape):
+            raise CaffeFormatError(f"input {name!r} of shape {shape} is empty", field="inputs")
+    sizes = {k: tuple(v.shape) for k, v in blobs.items()}
+    if not all(isinstance(d, int) for s in sizes.values() for d in s):
+        return  # symbolic dimensions (jax.export): checked by tracing
+    if all(declared.get(k) is not None and s[1:] == tuple(declared[k])[1:]
+           and len(s) == len(declared[k]) for k, s in sizes.items()):
+        return  # the prototxt's own shapes (any batch): the layers were checked at load
+    try:
+        shapes = blob_shapes(layers, sizes)
+        for spec in layers:
+            if params is None or spec.name not in params or not all(
+                    b in shapes for b in spec.bottoms):
+                continue
+            _check_shapes(spec.name, params[spec.name],
+                          param_shapes(spec, [shapes[b] for b in spec.bottoms]))
+    except (ValueError, TypeError, IndexError, KeyError) as e:
+        got = ", ".join(f"{k!r} of shape {s}" for k, s in sizes.items())
+        known = {k: v for k, v in declared.items() if v is not None and k in sizes}
+        want = (_any_batch(next(iter(known.values()))) if len(known) == 1 == len(sizes)
+                else ", ".join(f"{k!r} {_any_batch(v)}" for k, v in known.items()))
+        layer, field = getattr(e, "layer", None), getattr(e, "field", None)
+        where = "".join(f"{k}: " for k in (layer and f"layer {layer!r}", field) if k)
+        reason = getattr(e, "reason", None) or str(e)
+        takes = f", which takes {want}" if want else ""
+        raise CaffeFormatError(f"input {got} does not fit the net{takes} (at this input, "
+                               f"{where}{reason})") from None
+
+
 class CaffeGraph(nn.Module):
     """A Caffe net as a Flax module. ``apply({"params": p}, x)`` returns ``{blob: array}``.
 
@@ -233,6 +283,11 @@ class CaffeGraph(nn.Module):
                 raise CaffeFormatError(f"the net takes inputs {list(names)}: pass a dict "
                                        "{name: array}", field="inputs")
             blobs = {names[0]: jnp.asarray(x)}
+        check_inputs(layers, blobs, self.input_shapes,
+                     None if self.is_mutable_collection("params")
+                     else self.variables.get("params"))
+        if isinstance(outputs, str):
+            outputs = (outputs,)
         rng = (lambda: self.make_rng("dropout")) if train and self.has_rng("dropout") else None
         out, _ = run_graph(layers, module_params(self), blobs, outputs=outputs, train=train,
                            rng=rng)
@@ -248,6 +303,10 @@ def module_params(module: nn.Module) -> Callable[[LayerSpec, list], Mapping[str,
         shapes = param_shapes(spec, bottom_shapes)
         if not shapes:
             return {}
+        if module.has_variable("params", spec.name):  # our check, before Flax's
+            p = module.get_variable("params", spec.name)
+            _check_shapes(spec.name, p, shapes)
+            return p
         p = module.param(spec.name, _init_layer(spec.name, shapes))
         _check_shapes(spec.name, p, shapes)
         return p
@@ -276,11 +335,13 @@ def _check_shapes(layer: str, p: Mapping[str, Array], shapes: Mapping[str, tuple
 # ----------------------------------------------------------------------------- loading
 
 
-def build_module(net, *, phase: str = "TEST", path: PathLike = "<net>",
+def build_module(net, *, phase: str = "TEST", stages: Sequence[str] | None = (),
+                 level: int | None = None, path: PathLike = "<net>",
                  outputs: Sequence[str] | None = None) -> CaffeGraph:
     """A ``CaffeGraph`` for a NetParameter (already read and upgraded); ``outputs``: only
     the layers these blobs need."""
-    return CaffeGraph(layers=compile_net(net, phase=phase, path=path, outputs=outputs),
+    return CaffeGraph(layers=compile_net(net, phase=phase, path=path, outputs=outputs,
+                                         stages=stages, level=level),
                       name_=net.name or "net")
 
 
@@ -335,7 +396,8 @@ def _by_position(layer_type_name: str, blobs: Mapping[str, Any]) -> list[Any]:
 
 def load_caffe(prototxt: PathLike | Any, caffemodel: PathLike | Mapping | None = None, *,
                phase: str = "TEST", input_shape: Any = None, strict: bool = True,
-               seed: int = 0, outputs: Sequence[str] | None = None
+               seed: int = 0, outputs: Sequence[str] | None = None,
+               stages: Sequence[str] | None = (), level: int | None = None
                ) -> tuple[CaffeGraph, dict[str, dict[str, jax.Array]]]:
     """Load a Caffe net as ``(module, params)``.
 
@@ -344,7 +406,10 @@ def load_caffe(prototxt: PathLike | Any, caffemodel: PathLike | Mapping | None =
     position (Caffe's order) and fitted to the net's shapes like Caffe does (legacy 4-D
     dims); a mismatch, or a layer of the net with no weights in the caffemodel (unless
     ``strict=False``, which fills it), raises ``CaffeFormatError``. ``outputs``: build only
-    the layers these blobs need (an unsupported head elsewhere is never read).
+    the layers these blobs need (an unsupported head elsewhere is never read); a string is
+    one blob. ``stages``/``level``: the NetState of Caffe's include/exclude rules, like
+    pycaffe's ``Net(..., stages=, level=)`` (stages add to the net's own ``state``; level
+    None keeps the net's).
 
     The params are placed on JAX's default device once (``jax.Array`` leaves), so that
     ``jax.jit(module.apply)({"params": params}, x)`` does not copy every weight to the
@@ -353,7 +418,10 @@ def load_caffe(prototxt: PathLike | Any, caffemodel: PathLike | Mapping | None =
     path = prototxt if isinstance(prototxt, (str, os.PathLike)) else "<net>"
     net = converters.read_prototxt(prototxt) if isinstance(prototxt, (str, os.PathLike)) \
         else converters.upgrade_net(prototxt)
-    module = build_module(net, phase=phase, path=path, outputs=outputs)
+    if isinstance(outputs, str):
+        outputs = (outputs,)
+    module = build_module(net, phase=phase, path=path, outputs=outputs, stages=stages,
+                          level=level)
     if caffemodel is None:
         return module, on_device(init_params(module, seed, input_shape))
     mpath = caffemodel if isinstance(caffemodel, (str, os.PathLike)) else None

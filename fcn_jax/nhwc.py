@@ -47,8 +47,9 @@ PATCHES_MAX_BYTES = 1 << 30
 #: XLA:CPU for CaffeNet's 2); beyond, as one ``feature_group_count`` convolution, so that the
 #: graph does not grow with the group count (depthwise convolutions).
 GROUP_SPLIT_MAX = 8
-#: Up to this many window cells, pooling and LRN sum (or max) shifted slices, one op per cell;
-#: beyond, one ``lax.reduce_window``, so that the graph does not grow with the kernel.
+#: Up to this many window cells, pooling and LRN sum (or max) shifted slices, one op per cell,
+#: and a convolution may gather patches; beyond, one ``lax.reduce_window`` (one
+#: ``conv_general_dilated``), so that the graph does not grow with the kernel.
 WINDOW_SLICES_MAX = 64
 
 __all__ = [
@@ -178,7 +179,10 @@ def _conv_method(x_shape, w_shape, stride, pad, dilation, group) -> str:
     ho = L.conv_output_size(h, kh, stride[0], pad[0], dilation[0])
     wo = L.conv_output_size(w, kw, stride[1], pad[1], dilation[1])
     depth = kh * kw * cg
-    if depth >= PATCHES_MIN_DEPTH and n * ho * wo * depth * 4 <= PATCHES_MAX_BYTES:
+    if (depth >= PATCHES_MIN_DEPTH and kh * kw <= WINDOW_SLICES_MAX
+            and n * ho * wo * depth * 4 <= PATCHES_MAX_BYTES):
+        # one slice per kernel cell: past WINDOW_SLICES_MAX cells the graph, not the
+        # reduction, decides (a 128x128 kernel would unroll 16,384 slices)
         return "patches"
     return "conv"
 
@@ -395,18 +399,29 @@ def lrn_nhwc(x: Array, *, local_size: int = 5, alpha: float = 1.0, beta: float =
     pre = (local_size - 1) // 2
     sq = x * x
     if norm_region == "ACROSS_CHANNELS":
-        if local_size > WINDOW_SLICES_MAX:
-            acc = lax.reduce_window(sq, jnp.array(0, sq.dtype), lax.add, (1, 1, 1, local_size),
+        # a window wider than the channels sums them all: clipped to 2C - 1 (same sums)
+        pre = min(pre, max(x.shape[3] - 1, 0))
+        win = 2 * pre + 1
+        if win > WINDOW_SLICES_MAX:
+            acc = lax.reduce_window(sq, jnp.array(0, sq.dtype), lax.add, (1, 1, 1, win),
                                     (1, 1, 1, 1), ((0, 0), (0, 0), (0, 0), (pre, pre)))
         else:
             sp = jnp.pad(sq, ((0, 0), (0, 0), (0, 0), (pre, pre)))
             c = x.shape[3]
             acc = sp[..., 0:c]
-            for i in range(1, local_size):
+            for i in range(1, win):
                 acc = acc + sp[..., i:i + c]
         scale = k + (alpha / local_size) * acc
     elif norm_region == "WITHIN_CHANNEL":
-        pooled = pool_nhwc(sq, method="AVE", kernel=local_size, stride=1, pad=pre, valid=valid)
+        ph, pw = (min(pre, max(d - 1, 0)) for d in x.shape[1:3])
+        if ph == pw == pre:
+            pooled = pool_nhwc(sq, method="AVE", kernel=local_size, stride=1, pad=pre,
+                               valid=valid)
+        else:  # clipped to the blob (same sums); Caffe divides by local_size^2 still
+            kh, kw = 2 * ph + 1, 2 * pw + 1
+            pooled = pool_nhwc(sq, method="AVE", kernel=(kh, kw), stride=1, pad=(ph, pw),
+                               valid=valid) * jnp.asarray(
+                kh * kw / (float(local_size) * float(local_size)), sq.dtype)
         scale = 1.0 + alpha * pooled
     else:
         raise ValueError(f"unknown LRN norm_region {norm_region!r}")

@@ -259,7 +259,9 @@ def read_journal(out_dir: str | os.PathLike) -> tuple[dict[str, dict], int]:
     good = 0
     if not path.exists():
         return records, 0
-    with open(path, "rb") as f:
+    from converters.files import open_regular
+
+    with open_regular(path) as f:
         for line in f:
             if not line.endswith(b"\n"):
                 break  # torn tail of a killed run
@@ -647,7 +649,10 @@ def _check_same_settings(path: Path, settings: dict[str, Any], has_results: bool
                          ) -> None:
     """Refuse a resume whose settings differ from ``run.json``'s, naming each change."""
     try:
-        before = json.loads(path.read_text())
+        from converters.files import open_regular
+
+        with open_regular(path) as f:
+            before = json.loads(f.read())
     except FileNotFoundError:
         if has_results:
             raise CaffeFormatError("--resume: the results have no run.json to check the "

@@ -28,8 +28,10 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import math
 import os
+import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -579,11 +581,12 @@ class TrainCheckpoints:
                                    path=self.directory)
         if read_only and not os.path.isdir(self.directory):
             raise CaffeFormatError("no such checkpoint folder", path=self.directory)
+        _recover_replaced(self.directory)
         policies = [cm.LatestN(n=keep)]
         if keep_best:
             policies.append(cm.BestN(get_metric_fn=lambda m: m["loss"], reverse=True, n=1))
         self._ocp = ocp
-        with _quiet_orbax():
+        with _quiet_orbax(), _unreadable(self.directory, "the folder"):
             options = ocp.CheckpointManagerOptions(
                 preservation_policy=cm.AnyPreservationPolicy(policies),
                 best_fn=lambda m: m["loss"], best_mode="min", read_only=read_only,
@@ -598,14 +601,27 @@ class TrainCheckpoints:
         """Save ``state`` at step ``state.step`` (replacing a save of the same step)."""
         ocp = self._ocp
         step = int(state.step)
+        meta = dict(meta or {})
+        digest = params_digest(state.params)
+        if digest is not None:
+            meta[DIGEST_KEY] = digest
+        aside = None
         with _quiet_orbax():
             if step in self.manager.all_steps():
                 self.manager.wait_until_finished()
-                self.manager.delete(step)
+                # the old save stays (aside, put back on open) until the new one commits
+                aside = _set_aside(self.directory, step)
+                if aside is None:
+                    self.manager.delete(step)
+                else:
+                    self.manager.reload()
             self.manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(_state_tree(state)),
-                meta=ocp.args.JsonSave(dict(meta or {}))),
+                meta=ocp.args.JsonSave(meta)),
                 metrics=None if metrics is None else {k: float(v) for k, v in metrics.items()})
+            if aside is not None:
+                self.manager.wait_until_finished()
+                shutil.rmtree(aside, ignore_errors=True)
 
     def steps(self) -> list[int]:
         """The steps saved (and kept), ascending."""
@@ -624,7 +640,8 @@ class TrainCheckpoints:
 
     def _step(self, step: int | None) -> int:
         self.manager.wait_until_finished()
-        steps = self.manager.all_steps()
+        with _unreadable(self.directory, "the folder"):
+            steps = self.manager.all_steps()
         if not steps:
             raise CaffeFormatError("no training checkpoint in this folder", path=self.directory)
         step = self.manager.latest_step() if step is None else int(step)
@@ -635,10 +652,12 @@ class TrainCheckpoints:
 
     def _saved_tree(self, step: int) -> Any:
         try:
-            with _quiet_orbax():
+            with _quiet_orbax(), _unreadable(self.directory, f"step {step}"):
                 tree = self.manager.item_metadata(step)["state"]
             tree = getattr(tree, "tree", tree)
         except (KeyError, ValueError, FileNotFoundError, TypeError, AttributeError) as e:
+            if isinstance(e, CaffeFormatError):
+                raise
             raise CaffeFormatError(f"step {step} is not a training checkpoint ({e})",
                                    path=self.directory) from None
         if not isinstance(tree, Mapping) or {"step", "params", "opt_state", "rng"} - set(tree):
@@ -649,16 +668,22 @@ class TrainCheckpoints:
     def read(self, step: int | None = None) -> tuple[dict, dict]:
         """``(tree, meta)`` of a step (default: the latest) without a template: ``tree`` is
         ``{"step", "params", "opt_state", "rng"}`` as numpy arrays."""
-        ocp = self._ocp
         step = self._step(step)
         saved = self._saved_tree(step)
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         target = jax.tree_util.tree_map(
             lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), saved)
-        with _quiet_orbax():
-            out = self.manager.restore(step, args=ocp.args.Composite(
+        out = self._restore(step, target)
+        tree = jax.tree_util.tree_map(np.asarray, dict(out["state"]))
+        return tree, _checked_meta(out["meta"], tree["params"], self.directory, step)
+
+    def _restore(self, step: int, target: Any) -> Any:
+        """Orbax's restore with a damaged folder (truncated OCDBT files, broken JSON) as
+        one ``CaffeFormatError`` naming the folder and the step."""
+        ocp = self._ocp
+        with _quiet_orbax(), _unreadable(self.directory, f"step {step}"):
+            return self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-        return jax.tree_util.tree_map(np.asarray, dict(out["state"])), dict(out["meta"] or {})
 
     def restore(self, template: TrainState, step: int | None = None
                 ) -> tuple[TrainState, dict]:
@@ -671,14 +696,13 @@ class TrainCheckpoints:
         want = _state_tree(template)
         _check_like(want, saved, self.directory)
         target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, want)
-        with _quiet_orbax():
-            out = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+        out = self._restore(step, target)
         tree = out["state"]
+        meta = _checked_meta(out["meta"], tree["params"], self.directory, step)
         state = template.replace(
             step=tree["step"], params=tree["params"], rng=tree["rng"],
             opt_state=serialization.from_state_dict(template.opt_state, tree["opt_state"]))
-        return state, dict(out["meta"] or {})
+        return state, meta
 
     def close(self) -> None:
         """Wait for a save under way and release the manager."""
@@ -691,6 +715,90 @@ class TrainCheckpoints:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def _unreadable(directory: str, what: str):
+    """Orbax, tensorstore and JSON errors of a damaged checkpoint folder (truncated OCDBT
+    files, broken or 100,000-deep JSON) as one ``CaffeFormatError`` naming the folder."""
+    try:
+        yield
+    except CaffeFormatError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the readers raise assorted types
+        reason = (str(e).splitlines() or [""])[0][:200] or type(e).__name__
+        raise CaffeFormatError(f"{what} cannot be read ({type(e).__name__}: {reason})",
+                               path=directory) from None
+
+
+#: The ``meta`` entry holding :func:`params_digest` of the saved params.
+DIGEST_KEY = "fcn_jax_params_sha256"
+
+
+def params_digest(params: Any) -> str | None:
+    """sha256 over every params array (name, dtype, shape, bytes), in name order; None when
+    the arrays are not all addressable here (params sharded over processes)."""
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    if not all(getattr(v, "is_fully_addressable", True) for _, v in leaves):
+        return None
+    h = hashlib.sha256()
+    for key, v in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
+        a = np.ascontiguousarray(np.asarray(jax.device_get(v)))
+        h.update(f"{jax.tree_util.keystr(key)}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(memoryview(a).cast("B") if a.size else b"")
+    return h.hexdigest()
+
+
+def _checked_meta(meta: Any, params: Any, path: PathLike, step: int) -> dict:
+    """The user's meta of a restored step, after the params digest recorded at save matched
+    the restored params (a flipped byte in a data file is a "checksum mismatch")."""
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, Mapping):
+        raise CaffeFormatError(f"step {step}: meta is {type(meta).__name__}, not a JSON "
+                               "object", path=path, field="meta")
+    meta = dict(meta)
+    want = meta.pop(DIGEST_KEY, None)
+    if want is not None:
+        got = params_digest(params)
+        if got is not None and got != want:
+            raise CaffeFormatError(f"step {step}: checksum mismatch: the params read back "
+                                   "differ from those saved (a damaged data file)", path=path,
+                                   field="params")
+    return meta
+
+
+_ASIDE = ".replaced-"
+
+
+def _set_aside(directory: str, step: int) -> str | None:
+    """Rename a step's folder to a hidden name (None if it is not where Orbax puts it)."""
+    src = os.path.join(directory, str(step))
+    if not os.path.isdir(src):
+        return None
+    aside = os.path.join(directory, f"{_ASIDE}{step}")
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(src, aside)
+    return aside
+
+
+def _recover_replaced(directory: str) -> None:
+    """After a kill during the replacement of a step: the new save, if it committed, else
+    the old one put back."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(_ASIDE) or not name[len(_ASIDE):].isdigit():
+            continue
+        aside = os.path.join(directory, name)
+        step_dir = os.path.join(directory, name[len(_ASIDE):])
+        if os.path.isdir(step_dir):
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.replace(aside, step_dir)
 
 
 def _check_like(want: Any, saved: Any, path: PathLike) -> None:

@@ -478,3 +478,92 @@ def test_fuzz_layer_parameter_extremes(kind, values, shape, bottoms, tops):
                        params, x, x)
     except CaffeFormatError as e:
         assert "\n" not in str(e)
+
+
+# ----------------------------------------------------------------------------- graphs
+
+
+@fuzz_settings(300)
+@given(st.integers(0, 2**32 - 1))
+def test_fuzz_prototxt_graphs(seed):
+    """Random graphs (many bottoms and tops, in-place and duplicate tops, long chains,
+    NetState rules, unknown fields inside known messages and unknown layer messages): the
+    net builds with exactly the layers Caffe's FilterNet keeps, or is refused in one line,
+    and the refusals Caffe makes are made (an unknown field named, "produced by multiple
+    sources", past the layer limit)."""
+    import random
+
+    import jax
+    from fuzz_graphs import random_graph
+
+    from fcn_jax import layer_table
+
+    g = random_graph(random.Random(seed), layer_table.MAX_LAYERS)
+    try:
+        net = converters.parse_prototxt(g.text)
+        layers = layer_table.compile_net(net, stages=g.stages, level=g.level)
+    except CaffeFormatError as e:
+        one_line(e)
+        msg = str(e)
+        if g.unknown_field:
+            assert g.unknown_field in msg, (msg, g.text)
+        elif g.too_many_layers:
+            assert "more than the" in msg, msg
+        elif g.duplicate is not None:
+            assert "produced by multiple sources" in msg and repr(g.duplicate) in msg, msg
+        else:
+            assert "multiple sources" not in msg and "has no field" not in msg, (msg, g.text)
+        return
+    assert g.unknown_field is None and g.duplicate is None and not g.too_many_layers, g.text
+    assert sorted(s.name for s in layers) == sorted(g.kept), g.text
+    if len(layers) > 40:
+        return
+    try:
+        module, params = converters.load_caffe(net, stages=g.stages, level=g.level)
+        jax.eval_shape(lambda p, x: module.apply({"params": p}, x), params,
+                       jax.ShapeDtypeStruct((1, 4, 3, 3), np.float32))
+    except CaffeFormatError as e:
+        one_line(e)
+
+
+@pytest.fixture(scope="module")
+def checkpoint_folder(tmp_path_factory):
+    import jax.numpy as jnp
+    import optax
+
+    from fcn_jax import train as T
+
+    d = tmp_path_factory.mktemp("ckpt")
+    (d / "t.prototxt").write_text(
+        'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 '
+        'dim: 3 } } }\nlayer { name: "fc" type: "InnerProduct" bottom: "data" top: "fc" '
+        'inner_product_param { num_output: 8 weight_filler { type: "gaussian" std: 1 } } }')
+    module, params = converters.load_caffe(d / "t.prototxt", seed=2)
+    state = T.create_train_state(module, params, optax.adam(0.1))
+    T.save_train_state(d / "ck", state.replace(step=jnp.int32(5)),
+                       {"train_loss": [0.5], "eval_before": {"mean_iou": 0.1}}, keep=1)
+    return T, state, d / "ck"
+
+
+@fuzz_settings(60)
+@given(st.integers(0, 2**32 - 1))
+def test_fuzz_checkpoint_folders(checkpoint_folder, seed):
+    """A checkpoint folder with one file damaged resumes with exactly the saved params, or
+    is refused in one line naming the folder: never a traceback, never changed weights."""
+    import random
+
+    from fuzz_graphs import damage_checkpoint
+
+    T, state, src = checkpoint_folder
+    with tempfile.TemporaryDirectory() as d:
+        dst = Path(d) / "ck"
+        how = damage_checkpoint(src, dst, random.Random(seed))
+        try:
+            restored, _ = T.restore_train_state(dst, state)
+        except CaffeFormatError as e:
+            one_line(e)
+            assert "ck" in str(e), str(e)
+            return
+        for k, v in state.params["fc"].items():
+            np.testing.assert_array_equal(np.asarray(restored.params["fc"][k]), np.asarray(v),
+                                          err_msg=how)

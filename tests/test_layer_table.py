@@ -181,7 +181,7 @@ def test_builtin_records_are_complete():
 
 def test_layer_order_is_linear_in_the_net_size():
     """A long chain listed in reverse orders correctly (the order is found in one pass)."""
-    n = 3000
+    n = layer_table.MAX_LAYERS - 1
     lines = ['layer { name: "data" type: "Input" top: "b0" '
              'input_param { shape { dim: 1 dim: 1 } } }']
     lines += [f'layer {{ name: "r{i}" type: "ReLU" bottom: "b{i}" top: "b{i + 1}" }}'

@@ -551,14 +551,19 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], Any] = print) -> dict[str
     if cfg.resume:
         state, meta = T.restore_train_state(cfg.resume, state)  # onto state's devices
         if meta.get("config") != config_meta:
-            diff = sorted(k2 for k2 in config_meta if meta.get("config", {}).get(k2)
-                          != config_meta[k2])
+            saved = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+            diff = sorted(k2 for k2 in config_meta if saved.get(k2) != config_meta[k2])
             raise CaffeFormatError(f"checkpoint was made with different settings: {diff}",
                                    path=cfg.resume, field="meta.config")
-        history = [float(v) for v in meta.get("train_loss", [])][:int(state.step)]
-        before = meta["eval_before"]
-        curve = list(meta.get("eval_curve", []))
-        maps_before = [np.asarray(m, np.float32) for m in meta["maps_before"]]
+        try:  # a damaged meta (missing keys, wrong types) is one line, not a traceback
+            history = [float(v) for v in meta.get("train_loss", [])][:int(state.step)]
+            before = dict(meta["eval_before"])
+            float(before["mean_iou"]), float(before["cell_accuracy"]), int(before["cells"])
+            curve = list(meta.get("eval_curve", []))
+            maps_before = [np.asarray(m, np.float32) for m in meta["maps_before"]]
+        except (KeyError, TypeError, ValueError, RecursionError) as e:
+            raise CaffeFormatError(f"the checkpoint's meta is damaged ({type(e).__name__}: "
+                                   f"{e})", path=cfg.resume, field="meta") from None
         log(f"resumed from {cfg.resume} at step {int(state.step)}")
     else:
         before = T.evaluate(local(state), val_batches, k, class_names=names)
