@@ -261,6 +261,28 @@ class BatchSource:
         self._broken: BaseException | None = None
         self._closed = False
         self._shapes: dict[str, tuple[int, ...]] = {}
+        self._share = (0, 1)       # (rank, count): keep records rank, rank+count, ...
+
+    def share(self, rank: int, count: int) -> None:
+        """Keep only records ``rank, rank + count, rank + 2 count, ...`` of the stream (Caffe's
+        multi-GPU ``Skip`` rule: solver ``rank`` of ``count``), still ``batch_size`` per batch;
+        the other records are stepped over without being decoded. Call before ``next()``."""
+        if not 0 <= rank < count:
+            raise ValueError(f"share {rank} of {count}")
+        if self._items or self._pending:
+            raise RuntimeError("share() must come before the first batch")
+        self._share = (int(rank), int(count))
+
+    def _take_share(self) -> tuple[list, int]:
+        """This share's records of the next batch and the stream records they span."""
+        rank, count = self._share
+        if count == 1:
+            records = self._take()
+            return records, len(records)
+        stream: list = []
+        for _ in range(count):
+            stream += self._take()
+        return stream[rank::count], len(stream)
 
     # -- what each layer provides
     def _take(self) -> list:
@@ -295,11 +317,11 @@ class BatchSource:
                 return
             first = self._items
             try:
-                records = self._take()
+                records, consumed = self._take_share()
             except Exception as e:  # noqa: BLE001 - reported at the batch it belongs to
                 self._broken = e
                 continue
-            self._items += len(records)
+            self._items += consumed
             if self._pool is None:
                 self._pool = concurrent.futures.ThreadPoolExecutor(
                     self._workers, thread_name_prefix=f"fcn-jax-data-{self.layer}")
@@ -326,7 +348,7 @@ class BatchSource:
         for _ in range(n):
             if self._broken is not None:
                 raise self._broken
-            self._items += len(self._take())
+            self._items += self._take_share()[1]
 
     def close(self) -> None:
         """Stop the worker threads and close the layer's files (idempotent)."""
@@ -900,20 +922,24 @@ _SOURCES = {"HDF5Data": HDF5DataSource, "ImageData": ImageDataSource, "Data": LM
 
 
 def open_data_layer(lp, *, phase: str = "TRAIN", seed: int | None = None, prefetch: int = 4,
-                    workers: int = 2, path: str | None = None) -> BatchSource:
+                    workers: int = 2, path: str | None = None,
+                    share: tuple[int, int] = (0, 1)) -> BatchSource:
     """The ``BatchSource`` of one data layer (a ``caffe_pb2.LayerParameter`` of a type in
     ``DATA_LAYER_TYPES``). Relative paths in the layer are relative to the current
     directory, as in Caffe; ``path`` (the prototxt) only names the net in errors. ``seed``
     (the solver's ``random_seed``; None: ``DEFAULT_SEED``) drives shuffles, random crops,
     mirrors and ImageData's ``rand_skip``, deterministically but not with Caffe's RNG
-    streams."""
+    streams. ``share=(rank, count)``: see :meth:`BatchSource.share` (several processes)."""
     _phase(phase)
     if lp.type not in _SOURCES:
         raise DataLayerError(f"type {lp.type!r} is not a data layer read here (types: "
                              f"{', '.join(sorted(DATA_LAYER_TYPES))})", path=path,
                              layer=lp.name, field="type")
-    return _SOURCES[lp.type](lp, phase=phase, seed=DEFAULT_SEED if seed is None else seed,
-                             prefetch=prefetch, workers=workers, path=path)
+    src = _SOURCES[lp.type](lp, phase=phase, seed=DEFAULT_SEED if seed is None else seed,
+                            prefetch=prefetch, workers=workers, path=path)
+    if share != (0, 1):
+        src.share(*share)
+    return src
 
 
 __all__ = ["DATA_LAYER_TYPES", "DEFAULT_SEED", "BatchSource", "DataLayerError",

@@ -569,13 +569,15 @@ class _FeedSource:
         pass
 
 
-def _open_sources(net, phase: str, seed: int | None, path: PathLike) -> list[Any]:
+def _open_sources(net, phase: str, seed: int | None, path: PathLike,
+                  share: tuple[int, int] = (0, 1)) -> list[Any]:
     from . import data_layers
 
     out = []
     for lp in net.layer:
         if lp.type in data_layers.DATA_LAYER_TYPES:
-            out.append(data_layers.open_data_layer(lp, phase=phase, seed=seed, path=str(path)))
+            out.append(data_layers.open_data_layer(lp, phase=phase, seed=seed, path=str(path),
+                                                   share=share))
         elif lp.type == "Input":
             shapes = {t: tuple(int(d) for d in s.dim)
                       for t, s in zip(lp.top, lp.input_param.shape, strict=False)}
@@ -636,8 +638,10 @@ class Solver:
         self._key = jax.random.PRNGKey(seed if seed >= 0 else 0)
         (self.train_net_param, self._train_path), tests = solver_nets(solver_param, path)
         _check_sharing(self.train_net_param, self._train_path)
+        # several processes: each keeps its records of the TRAIN stream (Caffe's Skip rule)
         self._sources = _open_sources(self.train_net_param, "TRAIN", self.seed,
-                                      self._train_path)
+                                      self._train_path,
+                                      share=(jax.process_index(), jax.process_count()))
         run_net, self.batch_stats = batch_stat_layers(self.train_net_param)
         self.net: CaffeGraph = build_module(run_net, phase="TRAIN", path=self._train_path)
         shapes = self._source_shapes(self._sources)
@@ -838,16 +842,9 @@ class Solver:
     def _next_local(self) -> dict[str, np.ndarray]:
         """This process's batch of the next pass. With N processes, Caffe's multi-GPU rule
         (the data layers' ``Skip``): process r keeps records r, r+N, r+2N, ... of the data
-        stream, so N processes of batch B see the records one process of batch N*B sees."""
-        if self.processes == 1:
-            return self._next(self._sources)
-        fed = [s for s in self._sources if isinstance(s, _FeedSource)]
-        stream = [self._next([s for s in self._sources if not isinstance(s, _FeedSource)])
-                  for _ in range(self.processes)]
-        out = {k: np.concatenate([b[k] for b in stream])[self.rank::self.processes]
-               for k in stream[0]}
-        out.update(self._next(fed))
-        return out
+        stream (the others are stepped over, not decoded), so N processes of batch B see the
+        records one process of batch N*B sees. Fed layers give each process's own batch."""
+        return self._next(self._sources)
 
     def step(self, iters: int) -> np.ndarray:
         """Run ``iters`` iterations as Caffe's ``Solver::Step``: test every ``test_interval``,

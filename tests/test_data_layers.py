@@ -657,3 +657,31 @@ def test_a_source_dropped_without_close_stops_its_threads(tmp_path):
             break
         time.sleep(0.02)
     assert not data_threads()
+
+
+def test_shares_keep_caffes_multi_gpu_records(tmp_path):
+    """``share=(r, n)``: Caffe's Skip rule, solver r of n keeps records r, r+n, ... of the
+    stream, batch_size each; together the shares' batches are the records of one batch of
+    n x batch_size (7 rows, so the stream wraps mid-batch), and skip() moves the same way."""
+    write_h5(tmp_path / "a.h5", x=np.arange(7, dtype=np.float64).reshape(7, 1),
+             y=np.arange(7, dtype=np.int32))
+    with D.open_data_layer(hdf5_layer(tmp_path, [tmp_path / "a.h5"], 6)) as whole:
+        ref = [whole.next()["y"] for _ in range(4)]
+    for n in (2, 3):
+        lp = hdf5_layer(tmp_path, [tmp_path / "a.h5"], 6 // n)
+        shares = [D.open_data_layer(lp, share=(r, n)) for r in range(n)]
+        try:
+            for b in range(4):
+                got = [s.next()["y"] for s in shares]
+                np.testing.assert_array_equal(np.sort(np.concatenate(got)), np.sort(ref[b]))
+                for r in range(n):
+                    np.testing.assert_array_equal(got[r], ref[b][r::n])
+            shares[0].skip(1)
+            with D.open_data_layer(hdf5_layer(tmp_path, [tmp_path / "a.h5"], 6)) as whole:
+                whole.skip(5)
+                np.testing.assert_array_equal(shares[0].next()["y"], whole.next()["y"][0::n])
+        finally:
+            for s in shares:
+                s.close()
+    with pytest.raises(ValueError):
+        D.open_data_layer(hdf5_layer(tmp_path, [tmp_path / "a.h5"], 2), share=(2, 2))
