@@ -645,6 +645,14 @@ def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def read_regular_text(path: Path) -> str:
+    """A small text file of a run, through the guarded reader (a FIFO never blocks)."""
+    from converters.files import open_regular
+
+    with open_regular(path) as f:
+        return f.read().decode("utf-8")
+
+
 def _check_same_settings(path: Path, settings: dict[str, Any], has_results: bool = True
                          ) -> None:
     """Refuse a resume whose settings differ from ``run.json``'s, naming each change."""
@@ -726,8 +734,8 @@ def merge_parts(out_dir: str | os.PathLike, images: Sequence[str], num_processes
     parts = [part_dir(out, i, num_processes) for i in range(num_processes)]
     for part in parts:
         try:
-            run = json.loads((part / "run.json").read_text())
-            done = json.loads((part / "summary.json").read_text())
+            run = json.loads(read_regular_text(part / "run.json"))
+            done = json.loads(read_regular_text(part / "summary.json"))
         except (OSError, ValueError) as e:
             raise CaffeFormatError(f"cannot read this process's run ({e})", path=part) from None
         run.pop("sources", None)

@@ -609,9 +609,18 @@ class TrainCheckpoints:
         with _quiet_orbax():
             if step in self.manager.all_steps():
                 self.manager.wait_until_finished()
-                # the old save stays (aside, put back on open) until the new one commits
-                aside = _set_aside(self.directory, step)
-                if aside is None:
+                # the old save stays (aside, put back on open) until the new one commits;
+                # several processes share the folder: process 0 moves it, every process then
+                # takes the same branch (Orbax's calls are collective)
+                aside = _set_aside(self.directory, step) if jax.process_index() == 0 else None
+                if jax.process_count() > 1:
+                    from jax.experimental import multihost_utils
+
+                    moved = bool(multihost_utils.broadcast_one_to_all(
+                        np.int32(aside is not None)))
+                else:
+                    moved = aside is not None
+                if not moved:
                     self.manager.delete(step)
                 else:
                     self.manager.reload()
