@@ -934,7 +934,7 @@ class Solver:
                     return sum((jnp.float32(w) * jnp.sum(blobs[t]) for t, w in weights),
                                jnp.float32(0))
                 self._loss_fn = jax.jit(loss_fn)
-            key = jax.random.fold_in(self._key, -1 - self.iter)
+            key = jax.random.fold_in(jax.random.fold_in(self._key, 0xD15), self.iter)
             self._update_smoothed(float(self._host(self._loss_fn(self.params, batch, key))),
                                   len(self._losses))
             self._say(f"Iteration {self.iter}, loss = {self.smoothed_loss:.6g}")
