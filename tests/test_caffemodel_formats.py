@@ -322,6 +322,7 @@ def test_fcn_command_writes_shapes_caffe_accepts(tmp_path):
                 assert same_bits(np.array(x.data, np.float32), np.array(y.data, np.float32))
 
 
+@pytest.mark.slow
 def test_finetune_export_writes_shapes_caffe_accepts(tmp_path):
     from fcn_jax.cli import main
 

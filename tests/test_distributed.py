@@ -176,6 +176,7 @@ def _maps(out: Path, rec: dict) -> dict[str, np.ndarray]:
         return {k: z[f"{rec['key']}_{k}"] for k in ("argmax", "score", "blob")}
 
 
+@pytest.mark.slow
 def test_predict_two_processes_failures_resume_and_merge_equal_one(tmp_path, monkeypatch):
     proto, model = _dense_model(tmp_path)
     _image_dir(tmp_path / "imgs", 7)
@@ -247,6 +248,7 @@ layer { name: "prob" type: "Softmax" bottom: "score" top: "prob" }
 """  # noqa: E501
 
 
+@pytest.mark.slow
 def test_finetune_two_processes_equal_two_devices_and_resume_in_one(tmp_path, monkeypatch):
     (tmp_path / "tiny.prototxt").write_text(TINY_FCN)
     common = ["finetune", "--demo", "--model", "tiny.prototxt", "--input-size", "31", "31",

@@ -43,6 +43,7 @@ print("served")
 """
 
 
+@pytest.mark.slow
 def test_exported_forward_runs_without_the_library_and_matches(tmp_path, capsys):
     assert main(["export", str(PROTO), str(MODEL), "-o", str(tmp_path / "net.jaxexport")]) == 0
     assert "batch" in capsys.readouterr().out  # the symbolic batch dimension
@@ -71,6 +72,7 @@ def test_exported_forward_runs_without_the_library_and_matches(tmp_path, capsys)
     assert bool(got["fixed_refused"])  # --batch 2 takes exactly 2 rows
 
 
+@pytest.mark.slow
 def test_export_python_api_fully_convolutional_and_errors(tmp_path):
     from fcn_jax import CaffeNet
     from fcn_jax.export import export_forward, final_blobs, load_exported, save_exported

@@ -209,6 +209,7 @@ SHARDED = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_data_parallel_on_four_host_devices_matches_one_device():
     """Sharded over 4 devices (2 images each) == one device (6 images) to float32 rounding
     (Eigen's blocking depends on the row count per device); pool5 bit for bit with XLA's

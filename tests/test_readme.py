@@ -66,6 +66,7 @@ def _python_blocks() -> list[str]:
             re.findall(r"^( *)```python\n(.*?)^\1```", README, re.S | re.M)]
 
 
+@pytest.mark.slow
 def test_readme_python_examples_run(predict_output, capsys):
     from fcn_jax import layer_table
 

@@ -682,6 +682,7 @@ def test_sliding_window_recipe_runs_under_fcn_jax_train(tmp_path, monkeypatch, c
     assert Path("sliding_window_iter_2.caffemodel").exists()
 
 
+@pytest.mark.slow
 def test_data_parallel_over_two_devices_follows_caffe(solvers_dir):
     """``devices=2`` (two host devices, in a child process): the batch of 8 split 4 + 4,
     params and state replicated; still Caffe's trajectory within 1e-5."""
@@ -716,6 +717,7 @@ def test_data_parallel_over_two_devices_follows_caffe(solvers_dir):
     assert "worst" in out.stdout
 
 
+@pytest.mark.slow
 def test_ctrl_c_snapshots_then_stops(solvers_dir):
     """SIGINT during ``fcn-jax train`` (Caffe's default sigint_effect: stop): the iteration
     in flight finishes, a snapshot is written, the run ends with status 0."""

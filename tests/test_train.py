@@ -286,6 +286,7 @@ def test_sgd_step_is_caffes_update(tiny_graph):
     assert int(state.step) == 2
 
 
+@pytest.mark.slow
 def test_adam_matches_caffe_formula_on_first_step(tiny_graph):
     """Caffe Adam, step 1: w -= lr lr_mult sqrt(1-b2)/(1-b1) m / (sqrt(v) + eps) with
     m = (1-b1) g, v = (1-b2) g^2, i.e. about lr lr_mult sign(g)."""
@@ -417,6 +418,7 @@ def test_restore_into_a_different_model_is_a_clear_error(tiny_caffenet, tmp_path
         T.restore_train_state(tmp_path / "nothing", state)
 
 
+@pytest.mark.slow
 def test_export_caffemodel_round_trips(tiny_caffenet, tmp_path):
     module, params = tiny_caffenet
     net = T.model_net(module, (1, 3, 259, 259))
