@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DATA
+from conftest import DATA, fld, varint
 from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -36,27 +36,6 @@ LEGACY = ("num", "channels", "height", "width")
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def varint(v: int) -> bytes:
-    v &= (1 << 64) - 1
-    out = bytearray()
-    while True:
-        b = v & 0x7F
-        v >>= 7
-        out.append(b | (0x80 if v else 0))
-        if not v:
-            return bytes(out)
-
-
-def fld(number: int, wire: int, payload: bytes | int) -> bytes:
-    """One protobuf field: tag, then the payload in its wire form."""
-    tag = varint(number << 3 | wire)
-    if wire == 0:
-        return tag + varint(int(payload))
-    if wire == 2:
-        return tag + varint(len(payload)) + payload
-    return tag + payload
 
 
 def layer_bytes(name: str, type_: str, blobs: list[bytes] = (), extra: bytes = b"") -> bytes:

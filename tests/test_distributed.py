@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import random_caffe_net
 from PIL import Image
 
-import converters
 from fcn_jax import distributed as D
 from fcn_jax import predict as P
 from fcn_jax.cli import main
@@ -143,14 +143,8 @@ layer { name: "prob" type: "Softmax" bottom: "score" top: "prob" }
 
 
 def _dense_model(folder: Path) -> tuple[Path, Path]:
-    proto = folder / "net.prototxt"
-    proto.write_text(DENSE)
-    rng = np.random.default_rng(0)
-    params = {"score": {"weight": (rng.standard_normal((4, 3, 3, 3)) * 0.02).astype(np.float32),
-                        "bias": (rng.standard_normal(4) * 0.1).astype(np.float32)}}
-    model = folder / "net.caffemodel"
-    converters.save_caffemodel(model, params, converters.read_prototxt(proto))
-    return proto, model
+    shapes = {"score": {"weight": (4, 3, 3, 3), "bias": (4,)}}
+    return random_caffe_net(folder, DENSE, shapes)[:2]
 
 
 def _image_dir(folder: Path, n: int) -> Path:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DATA, legacy_weights_bytes
+from conftest import DATA, fld, legacy_weights_bytes, varint
 
 import converters
 from converters import CaffeFormatError
@@ -36,27 +36,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def varint(v: int) -> bytes:
-    v &= (1 << 64) - 1
-    out = bytearray()
-    while True:
-        b = v & 0x7F
-        v >>= 7
-        out.append(b | (0x80 if v else 0))
-        if not v:
-            return bytes(out)
-
-
-def fld(number: int, wire: int, payload: bytes | int) -> bytes:
-    """One protobuf field: tag, then the payload in its wire form."""
-    tag = varint(number << 3 | wire)
-    if wire == 0:
-        return tag + varint(int(payload))
-    if wire == 2:
-        return tag + varint(len(payload)) + payload
-    return tag + payload
 
 
 def write(tmp_path: Path, name: str, data: bytes | str) -> Path:

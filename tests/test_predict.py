@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import random_caffe_net
 from PIL import Image
 
 import converters
@@ -34,22 +35,12 @@ layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim:
 layer { name: "score" type: "Convolution" bottom: "data" top: "score" convolution_param { num_output: 4 kernel_size: 1 } }
 layer { name: "prob" type: "Softmax" bottom: "score" top: "prob" }
 """  # noqa: E501
-
-
-def _model(tmp_path: Path, text: str, shapes: dict, seed: int = 0) -> tuple[Path, Path, dict]:
-    proto = tmp_path / "net.prototxt"
-    proto.write_text(text)
-    rng = np.random.default_rng(seed)
-    params = {layer: {k: (rng.standard_normal(s) * 0.02).astype(np.float32)
-                      for k, s in blobs.items()} for layer, blobs in shapes.items()}
-    model = tmp_path / "net.caffemodel"
-    converters.save_caffemodel(model, params, converters.read_prototxt(proto))
-    return proto, model, params
+DENSE_SHAPES = {"score": {"weight": (4, 3, 1, 1), "bias": (4,)}}
 
 
 @pytest.fixture
 def classifier(tmp_path):
-    return _model(tmp_path, CLASSIFIER, {"fc": {"weight": (6, 3), "bias": (6,)}})
+    return random_caffe_net(tmp_path, CLASSIFIER, {"fc": {"weight": (6, 3), "bias": (6,)}})
 
 
 def _images(folder: Path, n: int, seed: int = 1, sizes=((13, 17), (20, 9), (12, 10), (31, 24))
@@ -104,8 +95,7 @@ def test_top_k_matches_a_float64_reference(tmp_path, classifier):
 
 
 def test_dense_maps_match_a_float64_reference(tmp_path):
-    proto, model, params = _model(tmp_path, DENSE, {"score": {"weight": (4, 3, 1, 1),
-                                                              "bias": (4,)}})
+    proto, model, params = random_caffe_net(tmp_path, DENSE, DENSE_SHAPES)
     images = _images(tmp_path / "imgs", 5)
     module, p = converters.load_caffe(proto, model)
     tr = _transformer((3, 9, 7))
@@ -224,8 +214,7 @@ def test_batch_over_the_memory_budget_is_refused_before_running(tmp_path, classi
 
 
 def test_wrong_blob_for_the_mode(tmp_path):
-    proto, model, _ = _model(tmp_path, DENSE, {"score": {"weight": (4, 3, 1, 1),
-                                                         "bias": (4,)}})
+    proto, model, _ = random_caffe_net(tmp_path, DENSE, DENSE_SHAPES)
     module, p = converters.load_caffe(proto, model)
     with pytest.raises(CaffeFormatError, match=r"top-k needs an \(N, C\) blob; 'prob' is "
                                                r"\(2, 4, 9, 7\) \(a dense map\? use --dense\)"):
@@ -303,8 +292,7 @@ def test_torn_last_journal_line_is_dropped(tmp_path, classifier):
 
 
 def test_dense_resume_redoes_images_whose_maps_are_missing(tmp_path):
-    proto, model, _ = _model(tmp_path, DENSE, {"score": {"weight": (4, 3, 1, 1),
-                                                         "bias": (4,)}})
+    proto, model, _ = random_caffe_net(tmp_path, DENSE, DENSE_SHAPES)
     images = _images(tmp_path / "imgs", 6)
     module, p = converters.load_caffe(proto, model)
     tr = _transformer((3, 9, 7))
@@ -441,7 +429,8 @@ def test_resume_refuses_other_weights_or_preprocessing_naming_the_change(tmp_pat
     assert run["preprocessing"]["channel_swap"] == [2, 1, 0]
     other = tmp_path / "other"
     other.mkdir()
-    _, model2, _ = _model(other, CLASSIFIER, {"fc": {"weight": (6, 3), "bias": (6,)}}, seed=5)
+    _, model2, _ = random_caffe_net(other, CLASSIFIER,
+                                    {"fc": {"weight": (6, 3), "bias": (6,)}}, seed=5)
     capsys.readouterr()
     assert main(["predict", str(proto), str(model2)] + argv[3:] + ["--resume"]) == 2
     err = capsys.readouterr().err
@@ -477,7 +466,8 @@ def test_a_1000_class_net_is_named_with_imagenet_words(tmp_path):
     from fcn_jax.assets import imagenet_labels
 
     text = CLASSIFIER.replace("num_output: 6", "num_output: 1000")
-    proto, model, params = _model(tmp_path, text, {"fc": {"weight": (1000, 3), "bias": (1000,)}})
+    proto, model, params = random_caffe_net(tmp_path, text,
+                                            {"fc": {"weight": (1000, 3), "bias": (1000,)}})
     module, p = converters.load_caffe(proto, model)
     images = _images(tmp_path / "imgs", 1)
     P.run_predict(module, p, images, tmp_path / "out", _transformer((3, 12, 10)),

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import random_caffe_net
 from PIL import Image
 
 import converters
@@ -32,14 +33,7 @@ layer { name: "prob" type: "Softmax" bottom: "score" top: "prob" }
 
 @pytest.fixture
 def dense(tmp_path):
-    proto = tmp_path / "net.prototxt"
-    proto.write_text(DENSE)
-    rng = np.random.default_rng(0)
-    params = {"score": {"weight": (rng.standard_normal((4, 3, 1, 1)) * 0.02).astype(np.float32),
-                        "bias": (rng.standard_normal(4) * 0.02).astype(np.float32)}}
-    model = tmp_path / "net.caffemodel"
-    converters.save_caffemodel(model, params, converters.read_prototxt(proto))
-    return proto, model, params
+    return random_caffe_net(tmp_path, DENSE, {"score": {"weight": (4, 3, 1, 1), "bias": (4,)}})
 
 
 def _images(folder: Path, sizes) -> list[str]:
