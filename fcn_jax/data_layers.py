@@ -29,7 +29,7 @@ import concurrent.futures
 import os
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -545,6 +545,26 @@ def _chw_shape(hwc: np.ndarray) -> tuple[int, int, int]:
     return (hwc.shape[2], hwc.shape[0], hwc.shape[1])
 
 
+def _transform_batch(src: Any, items: Iterable[tuple[np.ndarray, str, str]], n: int,
+                     first: int, what: str, hint: str = "") -> np.ndarray:
+    """``n`` decoded records ``(values, layout, field)`` through ``src``'s transformer into one
+    float32 batch (record ``i`` draws from stream position ``first + i``); a record whose
+    transformed shape is not the first's is an error naming its field."""
+    data = None
+    for i, (values, layout, field) in enumerate(items):
+        try:
+            shape = src._tf.out_shape(_chw_shape(values) if layout == "HWC" else values.shape)
+        except DataLayerError as e:
+            raise src._error(e.reason, path=src._source, field=field) from None
+        if data is None:
+            data = np.empty((n, *shape), dtype=np.float32)
+        elif shape != data.shape[1:]:
+            raise src._error(f"{what} gives {shape}, the batch's first {what} gave "
+                             f"{data.shape[1:]}{hint}", path=src._source, field=field)
+        src._tf.apply(values, layout, lambda i=i: src._rng(first + i), data[i])
+    return data
+
+
 class _Transformer:
     """A layer's ``DataTransformer``: its parameters, its mean and its phase."""
 
@@ -733,21 +753,9 @@ class ImageDataSource(BatchSource):
         return records
 
     def _build(self, records: list, first: int) -> dict[str, np.ndarray]:
-        data = None
-        for i, index in enumerate(records):
-            hwc = _as_hwc(self._read(index))
-            try:
-                shape = self._tf.out_shape(_chw_shape(hwc))
-            except DataLayerError as e:
-                raise self._error(e.reason, path=self._source, field=f"line {index + 1}") \
-                    from None
-            if data is None:
-                data = np.empty((len(records), *shape), dtype=np.float32)
-            elif shape != data.shape[1:]:
-                raise self._error(f"image gives {shape}, the batch's first image gave "
-                                  f"{data.shape[1:]} (set crop_size or new_height/new_width)",
-                                  path=self._source, field=f"line {index + 1}")
-            self._tf.apply(hwc, "HWC", lambda i=i: self._rng(first + i), data[i])
+        data = _transform_batch(
+            self, ((_as_hwc(self._read(index)), "HWC", f"line {index + 1}") for index in records),
+            len(records), first, "image", " (set crop_size or new_height/new_width)")
         labels = self._labels[np.array(records)].astype(np.float32)
         return {self.tops[0]: data, self.tops[1]: labels}
 
@@ -885,23 +893,14 @@ class LMDBDataSource(BatchSource):
         return records
 
     def _build(self, records: list, first: int) -> dict[str, np.ndarray]:
-        data = None
         labels = np.empty(len(records), dtype=np.float32)
-        for i, (key, value) in enumerate(records):
-            values, layout, labels[i] = self._values(key, value)
-            try:
-                shape = self._tf.out_shape(_chw_shape(values) if layout == "HWC"
-                                           else values.shape)
-            except DataLayerError as e:
-                raise self._error(e.reason, path=self._source, field=f"key {key[:80]!r}") \
-                    from None
-            if data is None:
-                data = np.empty((len(records), *shape), dtype=np.float32)
-            elif shape != data.shape[1:]:
-                raise self._error(f"record gives {shape}, the batch's first gave "
-                                  f"{data.shape[1:]}", path=self._source,
-                                  field=f"key {key[:80]!r}")
-            self._tf.apply(values, layout, lambda i=i: self._rng(first + i), data[i])
+
+        def items():
+            for i, (key, value) in enumerate(records):
+                values, layout, labels[i] = self._values(key, value)
+                yield values, layout, f"key {key[:80]!r}"
+
+        data = _transform_batch(self, items(), len(records), first, "record")
         out = {self.tops[0]: data}
         if len(self.tops) == 2:
             out[self.tops[1]] = labels

@@ -514,6 +514,25 @@ def test_imagedata_bad_image_mid_stream_fails_at_its_batch(tmp_path, monkeypatch
             src.next()
 
 
+def test_a_batch_of_mixed_sizes_names_the_record_that_differs(tmp_path, monkeypatch):
+    """Caffe reshapes its batch to the first record and CHECKs the others fit; without a crop
+    or resize, two sizes in one batch are refused, naming the second record."""
+    monkeypatch.chdir(tmp_path)
+    for name, hw in (("a.png", (2, 2)), ("b.png", (3, 2))):
+        Path(name).write_bytes(cv2.imencode(".png", np.zeros((*hw, 3), np.uint8))[1])
+    Path("list.txt").write_text("a.png 0\nb.png 1\n")
+    with D.open_data_layer(image_layer("list.txt", 2), prefetch=1) as src:
+        with pytest.raises(CaffeFormatError, match=r"line 2: image gives \(3, 3, 2\), the "
+                           r"batch's first image gave \(3, 2, 2\) \(set crop_size"):
+            src.next()
+    write_lmdb(tmp_path / "db", [(b"0", raw_datum(np.zeros((1, 2, 2), np.uint8), 0)),
+                                 (b"1", raw_datum(np.zeros((1, 2, 3), np.uint8), 1))])
+    with D.open_data_layer(data_layer(tmp_path / "db", 2), prefetch=1) as src:
+        with pytest.raises(CaffeFormatError, match=r"key b'1'.*record gives \(1, 2, 3\), "
+                           r"the batch's first record gave \(1, 2, 2\)"):
+            src.next()
+
+
 # ----------------------------------------------------------------------------- prefetch
 
 
