@@ -306,6 +306,27 @@ class BatchSource:
     def _rng(self, position: int) -> np.random.Generator:
         return np.random.default_rng([self._seed, _STREAM_TRANSFORM, position])
 
+    def _transform_batch(self, items: Iterable[tuple[np.ndarray, str, str]], n: int,
+                         first: int, what: str, hint: str = "") -> np.ndarray:
+        """``n`` decoded records ``(values, layout, field)`` through the layer's transformer
+        (``self._tf``, layers with a ``transform_param``) into one float32 batch (record ``i``
+        draws from stream position ``first + i``); a record whose transformed shape is not the
+        first's is an error naming its field."""
+        data = None
+        for i, (values, layout, field) in enumerate(items):
+            try:
+                shape = self._tf.out_shape(_chw_shape(values) if layout == "HWC"
+                                           else values.shape)
+            except DataLayerError as e:
+                raise self._error(e.reason, path=self._source, field=field) from None
+            if data is None:
+                data = np.empty((n, *shape), dtype=np.float32)
+            elif shape != data.shape[1:]:
+                raise self._error(f"{what} gives {shape}, the batch's first {what} gave "
+                                  f"{data.shape[1:]}{hint}", path=self._source, field=field)
+            self._tf.apply(values, layout, lambda i=i: self._rng(first + i), data[i])
+        return data
+
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Each top's shape including the batch axis, as Caffe's setup gives it."""
         return dict(self._shapes)
@@ -545,26 +566,6 @@ def _chw_shape(hwc: np.ndarray) -> tuple[int, int, int]:
     return (hwc.shape[2], hwc.shape[0], hwc.shape[1])
 
 
-def _transform_batch(src: Any, items: Iterable[tuple[np.ndarray, str, str]], n: int,
-                     first: int, what: str, hint: str = "") -> np.ndarray:
-    """``n`` decoded records ``(values, layout, field)`` through ``src``'s transformer into one
-    float32 batch (record ``i`` draws from stream position ``first + i``); a record whose
-    transformed shape is not the first's is an error naming its field."""
-    data = None
-    for i, (values, layout, field) in enumerate(items):
-        try:
-            shape = src._tf.out_shape(_chw_shape(values) if layout == "HWC" else values.shape)
-        except DataLayerError as e:
-            raise src._error(e.reason, path=src._source, field=field) from None
-        if data is None:
-            data = np.empty((n, *shape), dtype=np.float32)
-        elif shape != data.shape[1:]:
-            raise src._error(f"{what} gives {shape}, the batch's first {what} gave "
-                             f"{data.shape[1:]}{hint}", path=src._source, field=field)
-        src._tf.apply(values, layout, lambda i=i: src._rng(first + i), data[i])
-    return data
-
-
 class _Transformer:
     """A layer's ``DataTransformer``: its parameters, its mean and its phase."""
 
@@ -753,8 +754,8 @@ class ImageDataSource(BatchSource):
         return records
 
     def _build(self, records: list, first: int) -> dict[str, np.ndarray]:
-        data = _transform_batch(
-            self, ((_as_hwc(self._read(index)), "HWC", f"line {index + 1}") for index in records),
+        data = self._transform_batch(
+            ((_as_hwc(self._read(index)), "HWC", f"line {index + 1}") for index in records),
             len(records), first, "image", " (set crop_size or new_height/new_width)")
         labels = self._labels[np.array(records)].astype(np.float32)
         return {self.tops[0]: data, self.tops[1]: labels}
@@ -900,7 +901,7 @@ class LMDBDataSource(BatchSource):
                 values, layout, labels[i] = self._values(key, value)
                 yield values, layout, f"key {key[:80]!r}"
 
-        data = _transform_batch(self, items(), len(records), first, "record")
+        data = self._transform_batch(items(), len(records), first, "record")
         out = {self.tops[0]: data}
         if len(self.tops) == 2:
             out[self.tops[1]] = labels

@@ -36,11 +36,12 @@ layer { name: "score" type: "Convolution" bottom: "data" top: "score" convolutio
 layer { name: "prob" type: "Softmax" bottom: "score" top: "prob" }
 """  # noqa: E501
 DENSE_SHAPES = {"score": {"weight": (4, 3, 1, 1), "bias": (4,)}}
+CLASSIFIER_SHAPES = {"fc": {"weight": (6, 3), "bias": (6,)}}
 
 
 @pytest.fixture
 def classifier(tmp_path):
-    return random_caffe_net(tmp_path, CLASSIFIER, {"fc": {"weight": (6, 3), "bias": (6,)}})
+    return random_caffe_net(tmp_path, CLASSIFIER, CLASSIFIER_SHAPES)
 
 
 def _images(folder: Path, n: int, seed: int = 1, sizes=((13, 17), (20, 9), (12, 10), (31, 24))
@@ -429,8 +430,7 @@ def test_resume_refuses_other_weights_or_preprocessing_naming_the_change(tmp_pat
     assert run["preprocessing"]["channel_swap"] == [2, 1, 0]
     other = tmp_path / "other"
     other.mkdir()
-    _, model2, _ = random_caffe_net(other, CLASSIFIER,
-                                    {"fc": {"weight": (6, 3), "bias": (6,)}}, seed=5)
+    _, model2, _ = random_caffe_net(other, CLASSIFIER, CLASSIFIER_SHAPES, seed=5)
     capsys.readouterr()
     assert main(["predict", str(proto), str(model2)] + argv[3:] + ["--resume"]) == 2
     err = capsys.readouterr().err
